@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
-
 from kubetrain_trainer.config import Section, TrainerConfig, format_validation_error
+from pydantic import Field, ValidationError, model_validator
 
 GROUP = "kubetrain.io"
 VERSION = "v1alpha1"
@@ -28,7 +27,8 @@ class ManifestError(Exception):
 
 class WorkersSpec(Section):
     nodes: int = Field(1, ge=1, description="Worker pods (one torchrun agent each) to start.")
-    min_nodes: int | None = Field(None, ge=1, description="Fewest nodes training continues with (elastic). Default: nodes.")
+    min_nodes: int | None = Field(
+        None, ge=1, description="Fewest nodes to train with (elastic); default: nodes.")
     max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may scale to. Default: nodes.")
     proc_per_node: int = Field(1, ge=1, le=64, description="Training processes per node (usually GPUs per node).")
     resources: dict[str, Any] = Field(
@@ -56,11 +56,13 @@ class WorkersSpec(Section):
 
 class RunPolicy(Section):
     max_restarts: int = Field(5, ge=0, description="Worker restarts allowed before the job fails.")
-    restart_backoff_seconds: int = Field(10, ge=0, description="First restart delay; doubles per restart, capped at 10 min.")
+    restart_backoff_seconds: int = Field(
+        10, ge=0, description="First restart delay; doubles per restart (max 10 min).")
     active_deadline_seconds: int | None = Field(None, gt=0, description="Fail the job after this long running.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it ends.")
     suspend: bool = Field(False, description="Delete the pods (after a checkpoint) and hold the job; false resumes.")
-    clean_pod_policy: Literal["Running", "All", "None"] = Field("Running", description="Pods deleted when the job ends.")
+    clean_pod_policy: Literal["Running", "All", "None"] = Field(
+        "Running", description="Pods deleted when the job ends.")
     stall_timeout_seconds: int | None = Field(1800, gt=0, description="Restart workers when the step stalls this long.")
 
 

@@ -141,13 +141,14 @@ class CheckpointManager:
         trainer state (step, histories)."""
         self.check_compatible(step)
         d = self.root / step_dir_name(step)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state: dict[str, Any] = {"model": get_model_state_dict(model),
+                                 "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.load(state, checkpoint_id=str(d))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         return json.loads((d / STATE).read_text())
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """Collective: the unsharded model weights on CPU, on rank 0 only (empty elsewhere)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -6,6 +6,7 @@ Everything that can be checked before processes start is checked here, with exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,10 +164,8 @@ def launch(cfg: TrainerConfig, output: Path, nproc: int, progress: Progress) -> 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def forward(signum: int, frame: Any) -> None:  # Ctrl-C or SIGTERM: let the trainer checkpoint first
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -212,6 +211,7 @@ def last_event(path: Path, kind: str, since: int = 0) -> dict[str, Any] | None:
 def generate_sample(model_dir: Path, prompt: str | None, validation_dir: Path, seq_length: int,
                     max_new_tokens: int = 60, seed: int = 0) -> dict[str, str]:
     """Sample from the exported model as a user would: from_pretrained, then generate."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,16 +221,16 @@ def generate_sample(model_dir: Path, prompt: str | None, validation_dir: Path, s
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     if prompt is None:  # the opening of the held-out text: meaningful for any corpus
-        first = TokenShards(validation_dir, seq_length, "data.validation").batch(__import__("numpy").array([0]))[0]
+        first = TokenShards(validation_dir, seq_length, "data.validation").batch(np.array([0]))[0]
         ids = first[:12].unsqueeze(0)
-        prompt = tok.decode(ids[0], skip_special_tokens=True)
+        prompt = str(tok.decode(ids[0], skip_special_tokens=True))
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=True, top_k=40, temperature=0.8, pad_token_id=tok.eos_token_id)
-    return {"prompt": prompt, "text": tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)}
+    return {"prompt": prompt, "text": str(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True))}
 
 
 def plot_losses(results: dict[str, Any], path: Path) -> None:

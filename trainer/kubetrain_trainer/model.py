@@ -96,7 +96,7 @@ def model_cost(cfg: LlamaConfig, seq_length: int) -> ModelCost:
     """
     d, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
     head_dim = d // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * head_dim
+    kv = (cfg.num_key_value_heads or cfg.num_attention_heads) * head_dim
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter + 2 * d  # q,o + k,v + mlp + 2 norms
     embed = vocab * d
     head = 0 if cfg.tie_word_embeddings else vocab * d

@@ -25,7 +25,8 @@ def lr_at(step: int, spec: TrainingSpec) -> float:
 
 def build_optimizer(model: torch.nn.Module, spec: TrainingSpec, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms or biases); fused on GPUs, foreach elsewhere."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

@@ -73,5 +73,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     """A hash of the tokenizer's full definition: two tokenizers with equal fingerprints encode alike."""
-    spec = json.loads(tok.backend_tokenizer.to_str())  # type: ignore[attr-defined]
+    spec = json.loads(tok.backend_tokenizer.to_str())
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -326,7 +326,7 @@ def export_hf(model: torch.nn.Module, mcfg: Any, tokenizer: Any, out: Path, dtyp
     with torch.device("meta"):
         hf = LlamaForCausalLM(mcfg)
     hf.load_state_dict(weights, assign=True)
-    hf = hf.to(dtype)
+    hf = hf.to(dtype=dtype)  # type: ignore[call-arg]
     hf.config.torch_dtype = dtype
     tmp = out.with_name(out.name + ".tmp")
     hf.save_pretrained(str(tmp), safe_serialization=True)
