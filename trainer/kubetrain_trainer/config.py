@@ -227,9 +227,10 @@ def format_validation_error(error: Any, prefix: str = "") -> str:
             msg = "unknown field; check its spelling (fields are camelCase) or remove it"
         elif item.get("type") == "missing":
             msg = "required field is missing; add it"
-        if re.match(r"^[a-z][A-Za-z0-9]*\.[A-Za-z0-9.]+ ", msg):
+        head = re.match(r"^([a-z][A-Za-z0-9]*)\.[A-Za-z0-9.]+ ", msg)
+        if head and loc and loc[-1] == head.group(1):
             # A cross-field check already names its field (e.g. "training.microBatchSize (3) ...").
-            lines.append(f"{prefix}.{msg}" if prefix else msg)
+            lines.append(".".join([prefix, *loc[:-1], msg] if prefix else [*loc[:-1], msg]))
         else:
             lines.append(f"{path}: {msg}" if path else msg)
     return "\n".join(lines)
