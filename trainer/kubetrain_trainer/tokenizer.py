@@ -31,7 +31,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             raw = Tokenizer.from_file(str(p))
             eos = next((t for t in _EOS_CANDIDATES if raw.token_to_id(t) is not None), None)
             tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos)
-        elif p.suffix == ".model" and p.is_file():
+        elif ".model" in p.suffixes and p.is_file():  # tokenizer.model, also versioned (.model.v1)
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copy(p, Path(tmp) / "tokenizer.model")
                 tok = LlamaTokenizer.from_pretrained(tmp)

@@ -1,0 +1,114 @@
+"""Data preparation: clean-up, filtering, de-duplication, split, tokenisation and shard format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli
+from kubetrain_trainer.data import clean_text, document_hash, is_validation, prepare, resolve_inputs
+from kubetrain_trainer.dataset import TokenShards
+from kubetrain_trainer.errors import ConfigError
+from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
+
+
+def test_clean_text_normalises_and_trims() -> None:
+    decomposed = "Cafe\u0301"  # e + combining accent → é
+    raw = f"\ufeff{decomposed}\x00 line  \r\nnext\x07\r\n\n\n\n\nend\t \n"
+    assert clean_text(raw) == "Caf\u00e9 line\nnext\n\nend"
+    assert clean_text("  \n\x01\n ") == ""
+
+
+def test_validation_split_is_deterministic_and_proportional() -> None:
+    hashes = [document_hash(f"document {i}") for i in range(20000)]
+    held = sum(is_validation(h, 0.1) for h in hashes)
+    assert 1700 < held < 2300
+    assert [is_validation(h, 0.1) for h in hashes] == [is_validation(h, 0.1) for h in hashes]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_corpus: Path):
+    from kubetrain_trainer.data import iter_training_texts
+
+    return train_bpe(iter_training_texts(sorted(small_corpus.glob("*.txt")), "text", None, 10**7), 400)
+
+
+def test_prepare_dedups_drops_tiny_and_separates_documents_with_eos(tmp_path: Path, tokenizer) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    docs = ["The quality of mercy is not strained.", "It droppeth as the gentle rain from heaven.",
+            "Upon the place beneath: it is twice blest."]
+    (src / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in [*docs, docs[0], "tiny", ""]) + "\n")
+    (src / "b.txt").write_text(docs[1] + "  \n")  # a duplicate once cleaned
+    stats = prepare(resolve_inputs(str(src), "x"), tokenizer, tmp_path / "out", validation_split=0.0,
+                    min_document_chars=10, shard_tokens=16)
+    assert stats.documents_in == 7 and stats.documents_duplicate == 2 and stats.documents_dropped_small == 2
+    assert stats.documents == {"train": 3, "validation": 0}
+    index = json.loads((tmp_path / "out/train/index.json").read_text())
+    assert index["dtype"] == "uint16" and index["tokenizer"] == tokenizer_fingerprint(tokenizer)
+    assert len(index["shards"]) > 1 and all(s["tokens"] <= 16 for s in index["shards"])
+    stream = np.concatenate([np.fromfile(tmp_path / "out/train" / s["file"], dtype=np.uint16)
+                             for s in index["shards"]])
+    eos = tokenizer.eos_token_id
+    expected = [t for d in docs for t in [*tokenizer(d, add_special_tokens=False).input_ids, eos]]
+    assert stream.tolist() == expected
+    assert index["tokens"] == len(expected) == stats.tokens["train"]
+    # The saved tokenizer is the one used.
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "out" / "tokenizer")) == index["tokenizer"]
+
+
+def test_prepare_reads_parquet_and_separate_validation(tmp_path: Path, tokenizer) -> None:
+    pq.write_table(pa.table({"body": [f"Document number {i} has some words in it." for i in range(50)]}),
+                   tmp_path / "train.parquet")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"body": "A held-out document of a few words."}) + "\n")
+    stats = prepare([tmp_path / "train.parquet"], tokenizer, tmp_path / "out",
+                    validation_files=[tmp_path / "val.jsonl"], text_field="body")
+    assert stats.documents == {"train": 50, "validation": 1}
+    with pytest.raises(ConfigError, match="data.textField: .* has no column 'text'"):
+        prepare([tmp_path / "train.parquet"], tokenizer, tmp_path / "out2")
+
+
+def test_token_shards_pack_fixed_length_windows(tmp_path: Path, tokenizer) -> None:
+    d = tmp_path / "s"
+    d.mkdir()
+    from kubetrain_trainer.data import ShardWriter
+
+    w = ShardWriter(d, np.dtype(np.uint16), shard_tokens=25)
+    w.write(np.arange(60, dtype=np.uint16))
+    w.close({"tokenizer": "x"})
+    shards = TokenShards(d, seq_length=8)
+    # shards of 25, 25, 10 tokens → 3 + 3 + 1 windows of 8+1 tokens
+    assert len(shards) == 7
+    batch = shards.batch(np.array([0, 2, 3, 6]))
+    assert batch[0].tolist() == list(range(0, 9))
+    assert batch[1].tolist() == list(range(16, 25))
+    assert batch[2].tolist() == list(range(25, 34))
+    assert batch[3].tolist() == list(range(50, 59))
+
+
+def test_missing_inputs_and_non_shard_dirs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.train: no input files match"):
+        resolve_inputs(str(tmp_path / "nothing*.txt"), "data.train")
+    with pytest.raises(ConfigError, match="data.validation: .* is not a prepared shard directory"):
+        TokenShards(tmp_path, 8, "data.validation")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ConfigError, match="is not .txt, .jsonl or .parquet"):
+        resolve_inputs(str(tmp_path / "x.csv"), "data.train")
+
+
+def test_prepare_cli_with_sentencepiece_tokenizer(small_corpus: Path, tmp_path: Path) -> None:
+    """`kubetrain prepare` with a real 32k Llama SentencePiece model (from mistral-common): uint16 shards."""
+    import mistral_common
+
+    spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    result = run_cli("prepare", "--input", small_corpus, "--tokenizer", spm, "--output", tmp_path / "out",
+                     "--validation-split", "0.2")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out/train/index.json").read_text())
+    assert index["vocabSize"] == 32000 and index["dtype"] == "uint16" and index["eosTokenId"] == 2
+    assert index["tokens"] > 100_000
+    assert json.loads((tmp_path / "out/validation/index.json").read_text())["documents"] >= 1

@@ -1,0 +1,117 @@
+"""The manifest and trainer config: defaults, camelCase, and bad input rejected with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, job_manifest, run_cli, write_manifest
+from kubetrain_operator.spec import JobSpec, ManifestError, load_manifest, parse_manifest
+from kubetrain_trainer.config import TrainerConfig, TrainingSpec
+
+
+def test_example_manifests_validate() -> None:
+    tiny = load_manifest(ROOT / "manifests/examples/tiny-cpu.yaml")
+    assert tiny.metadata.name == "tiny-cpu"
+    assert tiny.spec.workers.proc_per_node == 2
+    assert tiny.spec.data.train == "corpus://shakespeare"
+    assert tiny.spec.checkpoint.export_hf is True
+    big = load_manifest(ROOT / "manifests/examples/llama-7b.yaml")
+    assert big.spec.model.preset == "llama-7b"
+    assert (big.spec.workers.nodes, big.spec.workers.proc_per_node) == (4, 8)
+    assert big.spec.training.batch_layout_error(32) is None
+
+
+def test_camel_case_round_trip_and_trainer_section() -> None:
+    spec = JobSpec.model_validate({"data": {"train": "x", "seqLength": 128}, "tokenizer": {"train": {"vocabSize": 300}},
+                                   "training": {"globalBatchSize": 8, "microBatchSize": 2, "maxSteps": 5},
+                                   "workers": {"nodes": 2, "minNodes": 1, "maxNodes": 3, "procPerNode": 4}})
+    wire = spec.to_wire()
+    assert wire["data"]["seqLength"] == 128 and wire["workers"]["procPerNode"] == 4
+    assert wire["checkpoint"]["exportHF"] is True
+    assert JobSpec.model_validate(wire) == spec
+    trainer = spec.trainer_config()
+    assert isinstance(trainer, TrainerConfig) and not hasattr(trainer, "workers")
+    assert trainer.training.global_batch_size == 8
+
+
+def _error(manifest: dict) -> str:
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(manifest)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"model": {"preset": "llama-70b"}}, "spec.model.preset: Input should be 'tiny', 'llama-125m'"),
+    ({"data": {"seqLength": 0}}, "spec.data.seqLength: Input should be greater than or equal to 8"),
+    ({"training": {"maxSteps": -1}}, "spec.training.maxSteps: Input should be greater than 0"),
+    ({"training": {"globalBatchSize": 8, "microBatchSize": 3}},
+     "spec.training.microBatchSize (3) must divide training.globalBatchSize (8); pick a divisor such as 2"),
+    ({"workers": {"nodes": 2, "minNodes": 3, "maxNodes": 2}}, "spec.workers.minNodes (3) must not exceed"),
+    ({"training": {"learningRate": 1}}, "spec.training.learningRate: unknown field"),
+    ({"tokenizer": {"path": "x", "train": {"vocabSize": 500}}}, "set either tokenizer.path or tokenizer.train"),
+    ({"data": {"validation": "v", "validationSplit": 0.1}}, "set either data.validation or data.validationSplit"),
+    ({"checkpoint": {"uri": "gs://bucket/x"}}, "checkpoint.uri scheme gs:// is not supported"),
+    ({"training": {"schedule": {"warmupSteps": 50}, "maxSteps": 10}}, "warmupSteps (50) must be below"),
+    ({"training": {"optimizer": {"betas": [0.9, 1.5]}}}, "betas must both lie in [0, 1)"),
+])
+def test_bad_fields_are_named_with_the_fix(tmp_path: Path, change: dict, expected: str) -> None:
+    manifest = job_manifest(tmp_path, **change)
+    assert expected in _error(manifest)
+
+
+def test_missing_data_and_wrong_kind_are_named(tmp_path: Path) -> None:
+    manifest = job_manifest(tmp_path)
+    del manifest["spec"]["data"]
+    assert "spec.data: required field is missing" in _error(manifest)
+    assert "kind: Input should be 'LLMTrainingJob'" in _error({**job_manifest(tmp_path), "kind": "PyTorchJob"})
+    no_tokenizer = job_manifest(tmp_path)
+    no_tokenizer["spec"]["tokenizer"] = {}
+    assert "tokenizer: set tokenizer.path" in _error(no_tokenizer)
+
+
+def test_per_process_batch_layout() -> None:
+    t = TrainingSpec(global_batch_size=8, micro_batch_size=4)
+    assert t.batch_layout_error(2) is None
+    assert "must divide the per-process batch (8 / 4 processes = 2); use 2" in (t.batch_layout_error(4) or "")
+    assert "multiple of the number of processes (3)" in (t.batch_layout_error(3) or "")
+
+
+@pytest.mark.parametrize(("change", "nproc", "expected"), [
+    ({"model": {"preset": "gpt2"}}, 1, "spec.model.preset"),
+    ({"training": {"globalBatchSize": 8, "microBatchSize": 4}}, 4, "training.microBatchSize (4) must divide"),
+    ({"data": {"train": "/nonexistent/*.txt", "validation": None}}, 1, "data.train: no input files match"),
+    ({"model": {"config": {"num_layers": 3}}}, 1, "model.config.num_layers: not a LlamaConfig field"),
+    ({"workers": {"minNodes": 4, "maxNodes": 2}}, 1, "spec.workers.minNodes (4) must not exceed"),
+])
+def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(prepared: Path, tmp_path: Path, change: dict,
+                                                           nproc: int, expected: str) -> None:
+    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(prepared, **change))
+    result = run_cli("run", manifest, "--output", tmp_path / "out", "--nproc", nproc)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "train.log").exists()  # refused before any process started
+
+
+def test_cli_rejects_unreadable_tokenizer_and_bad_yaml(prepared: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text("{not json")
+    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(prepared, tokenizer={"path": str(garbage)}))
+    result = run_cli("run", manifest, "--output", tmp_path / "out")
+    assert result.returncode == 2 and "tokenizer.path: cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed")
+    result = run_cli("run", bad)
+    assert result.returncode == 2 and "not valid YAML" in result.stderr
+    result = run_cli("run", tmp_path / "missing.yaml")
+    assert result.returncode == 2 and "cannot read the manifest" in result.stderr
+
+
+def test_manifest_file_may_hold_other_documents(tmp_path: Path) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all([secret, job_manifest(tmp_path, name="second")]))
+    assert load_manifest(path).metadata.name == "second"
