@@ -68,7 +68,7 @@ def test_prepare_reads_parquet_and_separate_validation(tmp_path: Path, tokenizer
     stats = prepare([tmp_path / "train.parquet"], tokenizer, tmp_path / "out",
                     validation_files=[tmp_path / "val.jsonl"], text_field="body")
     assert stats.documents == {"train": 50, "validation": 1}
-    with pytest.raises(ConfigError, match="data.textField: .* has no column 'text'"):
+    with pytest.raises(ConfigError, match=r"data.textField: .* has no column 'text'"):
         prepare([tmp_path / "train.parquet"], tokenizer, tmp_path / "out2")
 
 
@@ -93,10 +93,10 @@ def test_token_shards_pack_fixed_length_windows(tmp_path: Path, tokenizer) -> No
 def test_missing_inputs_and_non_shard_dirs_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.train: no input files match"):
         resolve_inputs(str(tmp_path / "nothing*.txt"), "data.train")
-    with pytest.raises(ConfigError, match="data.validation: .* is not a prepared shard directory"):
+    with pytest.raises(ConfigError, match=r"data.validation: .* is not a prepared shard directory"):
         TokenShards(tmp_path, 8, "data.validation")
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(ConfigError, match="is not .txt, .jsonl or .parquet"):
+    with pytest.raises(ConfigError, match=r"is not .txt, .jsonl or .parquet"):
         resolve_inputs(str(tmp_path / "x.csv"), "data.train")
 
 

@@ -94,9 +94,9 @@ def test_cost_matches_the_built_model(preset: str) -> None:
 def test_model_overrides_and_vocab_rules() -> None:
     cfg = llama_config(ModelSpec(preset="tiny", config={"num_hidden_layers": 3}), 1000, 512)
     assert cfg.num_hidden_layers == 3 and cfg.vocab_size == 1024  # padded to a multiple of 64
-    with pytest.raises(ConfigError, match="model.config.vocab_size .* is smaller than the tokenizer"):
+    with pytest.raises(ConfigError, match=r"model.config.vocab_size .* is smaller than the tokenizer"):
         llama_config(ModelSpec(config={"vocab_size": 100}), 1000, 512)
-    with pytest.raises(ConfigError, match="hidden_size .* multiple of num_attention_heads"):
+    with pytest.raises(ConfigError, match=r"hidden_size .* multiple of num_attention_heads"):
         llama_config(ModelSpec(config={"hidden_size": 100, "num_attention_heads": 3}), 1000, 512)
 
 
@@ -113,10 +113,10 @@ def test_tokenizer_sources(tmp_path: Path) -> None:
 
     spm = load_tokenizer(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
     assert len(spm) == 32000 and spm.eos_token_id == 2
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"does not exist"):
         load_tokenizer(tmp_path / "missing")
     (tmp_path / "broken.model").write_bytes(b"\x00garbage")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"cannot read"):
         load_tokenizer(tmp_path / "broken.model")
 
 
@@ -132,5 +132,5 @@ def test_checkpoint_discovery_ignores_uncommitted_and_damaged(tmp_path: Path) ->
     (tmp_path / "step-000000020" / "data").write_bytes(b"short")  # damaged after commit
     assert manager.latest() == 10
     (tmp_path / "step-000000010" / MARKER).write_text(json.dumps({"step": 10, "files": {"data": 10}, "model": "z"}))
-    with pytest.raises(ConfigError, match="different model architecture"):
+    with pytest.raises(ConfigError, match=r"different model architecture"):
         manager.check_compatible(10)
