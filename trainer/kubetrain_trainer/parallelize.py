@@ -53,6 +53,7 @@ def parallelize(model: LlamaForCausalLM, spec: TrainingSpec, parallelism: str, d
     if spec.precision == "bf16" and not use_bf16:
         log.warning("precision bf16 requested, but %s has no fast bf16: training in fp32", device.type)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model.config.use_cache = False  # a KV cache only serves generation
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.compile:
