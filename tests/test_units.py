@@ -16,6 +16,7 @@ from kubetrain_trainer.dataset import eval_micro_batches, global_batch, permute,
 from kubetrain_trainer.errors import ConfigError
 from kubetrain_trainer.model import llama_config, model_cost
 from kubetrain_trainer.optim import lr_at
+from kubetrain_trainer.storage import LocalStore
 from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
 
@@ -121,7 +122,7 @@ def test_tokenizer_sources(tmp_path: Path) -> None:
 
 
 def test_checkpoint_discovery_ignores_uncommitted_and_damaged(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, keep=2, rank=0, fingerprints={"model": "m"})
+    manager = CheckpointManager(LocalStore(tmp_path), keep=2, rank=0, fingerprints={"model": "m"})
     for step, committed in ((10, True), (20, True), (30, False)):
         d = tmp_path / f"step-{step:09d}"
         d.mkdir()

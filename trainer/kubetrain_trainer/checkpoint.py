@@ -1,26 +1,39 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), committed atomically, kept to the newest `keep`.
+"""Checkpoints: torch.distributed.checkpoint (DCP) to a local directory or S3, asynchronous, committed
+atomically, kept to the newest `keep`.
 
-A checkpoint is the directory `step-NNNNNNNNN/`. Every rank writes its shards with DCP; then rank 0
-writes `trainer_state.json` and finally `COMMITTED` (written to a temporary name, fsynced, renamed).
-Only directories with `COMMITTED` are ever loaded, and their listed files are checked first, so a
-crash or kill -9 mid-save leaves the previous committed checkpoint as the one that resumes.
-DCP stores tensors by fully-qualified name and global shape, so a checkpoint saved by N processes
-loads into M (resharding) and into FSDP2 or DDP alike.
+A checkpoint is `step-NNNNNNNNN/` under the checkpoint URI. Each save attempt writes into its own
+`step-NNNNNNNNN/a-<id>/` (so a second writer of the same step can never overwrite the first's
+objects); every rank writes its shards there with DCP; when DCP reports that all ranks succeeded
+(its metadata is written last by rank 0), rank 0 writes `trainer_state.json` and finally
+`step-NNNNNNNNN/COMMITTED` — a manifest of every object with its size and the attempt, step, world
+size and model/tokenizer fingerprints — with an exclusive write (`If-None-Match: *` on S3, a hard
+link locally), so two writers can never both commit one step. Only committed checkpoints
+whose objects all match the manifest are ever loaded, so a crash, a kill -9 or a network fault
+mid-save leaves the previous committed checkpoint as the one that resumes.
+
+Saves are asynchronous by default: the caller is blocked only while state is copied to host memory;
+the write (and the commit) runs in a background thread on a separate gloo process group. At most one
+save is in flight: the next one waits for it. DCP stores tensors by name and global shape, so a
+checkpoint saved by N processes loads into M, into FSDP2 or DDP alike.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
-import shutil
+import threading
 import time
-from pathlib import Path
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,124 +42,247 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .config import S3Spec
 from .errors import ConfigError
+from .storage import AlreadyExists, LocalStore, LocalWriter, S3Reader, S3Store, S3Writer, Store
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d{9})$")
+_STEP_DIR = re.compile(r"^step-(\d{9})/")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+@dataclass
+class SaveResult:
+    step: int
+    ok: bool
+    blocked_seconds: float
+    total_seconds: float = 0.0
+    bytes_written: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _InFlight:
+    step: int
+    started: float
+    blocked: float
+    key: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: SaveResult | None = None
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep: int, rank: int, fingerprints: dict[str, str]):
-        self.root = Path(root)
-        self.keep = keep
-        self.rank = rank
-        self.fingerprints = fingerprints
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: Store, keep: int, rank: int, fingerprints: dict[str, str],
+                 s3: S3Spec | None = None, process_group: Any = None,
+                 on_result: Callable[[SaveResult], None] | None = None):
+        self.store, self.keep, self.rank, self.fingerprints = store, keep, rank, fingerprints
+        self.s3 = s3 or S3Spec()
+        self.process_group = process_group
+        self.on_result = on_result
+        self.consecutive_failures = 0
+        self._inflight: _InFlight | None = None
+        self._writer: Any = None
 
     # -- discovery ---------------------------------------------------------------------------------
+    def _objects(self) -> dict[str, int]:
+        return self.store.list("")
+
     def committed_steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for d in self.root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / MARKER).is_file():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return sorted(int(m.group(1)) for key in self._objects() if (m := _STEP_DIR.match(key))
+                      and key.endswith("/" + MARKER))
 
     def latest(self) -> int | None:
+        """The newest committed checkpoint whose objects all match its manifest."""
+        objects = self._objects()
         for step in reversed(self.committed_steps()):
-            if self._intact(step):
-                return step
+            try:
+                marker = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
+                prefix = step_dir_name(step) + "/"
+                if all(objects.get(prefix + f) == size for f, size in marker["files"].items()):
+                    return step
+                log.warning("checkpoint %s is damaged (objects missing or resized); skipping it", step)
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("checkpoint %s has an unreadable manifest (%s); skipping it", step, exc)
         return None
 
-    def _intact(self, step: int) -> bool:
-        """All files the marker lists exist with their recorded sizes (a damaged one is skipped)."""
-        d = self.root / step_dir_name(step)
-        try:
-            marker = json.loads((d / MARKER).read_text())
-            return all((d / f).stat().st_size == size for f, size in marker["files"].items())
-        except (OSError, ValueError, KeyError):
-            return False
+    def check_compatible(self, step: int) -> dict[str, Any]:
+        marker: dict[str, Any] = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
+        for key, expected in self.fingerprints.items():
+            if marker.get(key) != expected:
+                what = "model architecture" if key == "model" else key
+                raise ConfigError(
+                    f"checkpoint.uri: {self.store.child_uri(step_dir_name(step))} was written with a different "
+                    f"{what} ({marker.get(key)} != {expected}); restore the original model/tokenizer settings, "
+                    f"or set a new checkpoint.uri to start afresh")
+        return marker
+
+    def clean_up_after_crash(self) -> None:
+        """Rank 0 at start, before any save: abort multipart uploads a killed writer left behind and
+        delete uncommitted step directories (no writer is active yet, so none is in progress)."""
+        aborted = self.store.abort_uploads("")
+        committed = set(self.committed_steps())
+        objects = self._objects()
+        debris = {int(m.group(1)) for key in objects if (m := _STEP_DIR.match(key))} - committed
+        for step in debris:
+            self.store.delete_prefix(step_dir_name(step) + "/")
+        for step in committed:  # attempts that lost a commit race, or failed after another committed
+            attempt = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}")).get("attempt")
+            for key in objects:
+                parts = key.split("/")
+                if key.startswith(step_dir_name(step) + "/a-") and len(parts) > 2 and parts[1] != attempt:
+                    self.store.delete_prefix(f"{parts[0]}/{parts[1]}/")
+        if aborted or debris:
+            log.info("cleaned up after an interrupted save: %d upload(s) aborted, %d partial checkpoint(s) deleted",
+                     aborted, len(debris))
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> float:
-        """Collective: every rank calls it. Returns the seconds it took."""
+             trainer_state: dict[str, Any], asynchronous: bool = True) -> float:
+        """Collective (every rank calls it at the same step). Starts a save and returns the seconds the
+        caller was blocked: waiting for a previous save still in flight plus staging to host memory."""
         t0 = time.perf_counter()
-        d = self.root / step_dir_name(step)
-        if self.rank == 0 and d.exists():
-            shutil.rmtree(d)  # never committed (or we would not save this step again): debris of a crash
-        dist.barrier()
+        self.wait()
+        attempt: list[Any] = [uuid.uuid4().hex[:12]]
+        if dist.get_world_size(self.process_group) > 1:
+            dist.broadcast_object_list(attempt, src=0, group=self.process_group)  # idle: no save in flight
+        key = f"{step_dir_name(step)}/a-{attempt[0]}"
+        payload = json.dumps(trainer_state)  # snapshot now: the loop keeps mutating its state
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(state, checkpoint_id=str(d))  # returns after every rank wrote and .metadata is written
-        if self.rank == 0:
-            write_atomic(d / STATE, json.dumps(trainer_state))
-            files = {str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file()}
-            marker = {"step": step, "worldSize": dist.get_world_size(), "time": time.time(),
-                      "files": files, **self.fingerprints}
-            write_atomic(d / MARKER, json.dumps(marker, indent=1))
-            self._retain()
-        dist.barrier()
-        return time.perf_counter() - t0
+        writer = self._writer_for()
+        checkpoint_id = key if isinstance(self.store, S3Store) else str(self.store.root / key)  # type: ignore[attr-defined]
+        inflight = _InFlight(step=step, started=t0, blocked=0.0, key=key)
+        self._inflight = inflight
+        if asynchronous:
+            future = dcp.async_save(state, checkpoint_id=checkpoint_id, storage_writer=writer,
+                                    process_group=self.process_group)
+            inflight.blocked = time.perf_counter() - t0
+            future.add_done_callback(  # type: ignore[union-attr]
+                lambda f: self._finish(inflight, f, payload, writer))
+        else:
+            done: Future = Future()
+            try:
+                done.set_result(dcp.save(state, checkpoint_id=checkpoint_id, storage_writer=writer,
+                                         process_group=self.process_group))
+            except Exception as exc:
+                done.set_exception(exc)
+            inflight.blocked = time.perf_counter() - t0
+            self._finish(inflight, done, payload, writer)
+        return inflight.blocked
+
+    def _writer_for(self) -> Any:
+        if self._writer is None:  # one writer for the run: its staging buffers are reused by every save
+            if isinstance(self.store, S3Store):
+                self._writer = S3Writer(self.store, "")
+            else:
+                assert isinstance(self.store, LocalStore)
+                self._writer = LocalWriter(str(self.store.root))
+        return self._writer
+
+    def _finish(self, inflight: _InFlight, future: Any, payload: str, writer: Any) -> None:
+        """Runs when this rank's part of the save is done (in DCP's thread for async saves)."""
+        step, key = inflight.step, inflight.key
+        written = getattr(writer.fs, "bytes_written", 0)
+        try:
+            writer.fs.bytes_written = 0
+            future.result()
+            if self.rank == 0:  # DCP returns on rank 0 only after every rank's write succeeded
+                self.store.put(f"{key}/{STATE}", payload.encode())
+                self._commit(step, key)
+                self._retain()
+            result = SaveResult(step, True, inflight.blocked, time.perf_counter() - inflight.started, written)
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            message = f"{type(exc).__name__}: {_first_cause(exc)}"
+            log.error("checkpoint of step %d failed: %s", step, message)
+            if self.rank == 0:
+                self._discard(key)
+            result = SaveResult(step, False, inflight.blocked, time.perf_counter() - inflight.started, written,
+                                message)
+        self.consecutive_failures = 0 if result.ok else self.consecutive_failures + 1
+        inflight.result = result
+        try:
+            if self.on_result:
+                self.on_result(result)
+        finally:
+            inflight.done.set()
+
+    def _commit(self, step: int, attempt_key: str) -> None:
+        step_key = step_dir_name(step)
+        objects = self.store.list(attempt_key + "/")
+        files = {k[len(step_key) + 1:]: size for k, size in sorted(objects.items())}
+        marker = {"step": step, "attempt": attempt_key[len(step_key) + 1:], "worldSize": dist.get_world_size(),
+                  "time": time.time(), "files": files, "objectSize": self.s3.object_size_bytes, **self.fingerprints}
+        try:
+            self.store.put(f"{step_key}/{MARKER}", json.dumps(marker, indent=1).encode(), exclusive=True)
+        except AlreadyExists:
+            raise RuntimeError(f"step {step} was already committed by another writer; refusing to overwrite it "
+                               f"(two jobs share checkpoint.uri?)") from None
+
+    def _discard(self, attempt_key: str) -> None:
+        """Remove a failed attempt's objects: its own directory only, never another writer's."""
+        try:
+            self.store.abort_uploads(attempt_key + "/")
+            self.store.delete_prefix(attempt_key + "/")
+        except Exception as exc:  # the store may be unreachable; the next start cleans up
+            log.warning("could not clean up the failed save %s (%s)", attempt_key, type(exc).__name__)
 
     def _retain(self) -> None:
         """Delete committed checkpoints beyond the newest `keep`, and uncommitted debris older than the
         newest commit. Runs only right after a commit, so a committed checkpoint always remains."""
         committed = self.committed_steps()
-        newest = committed[-1]
-        for d in self.root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if not m:
-                continue
-            step = int(m.group(1))
-            if (step in committed and step not in committed[-self.keep :]) or (
-                    step not in committed and step < newest):
-                shutil.rmtree(d, ignore_errors=True)
+        keep = set(committed[-self.keep :])
+        all_steps = {int(m.group(1)) for key in self._objects() if (m := _STEP_DIR.match(key))}
+        for step in sorted(all_steps):
+            if (step in committed and step not in keep) or (step not in committed and step < committed[-1]):
+                self.store.delete_prefix(step_dir_name(step) + "/")
+
+    def wait(self, timeout: float | None = None) -> SaveResult | None:
+        """Block until the save in flight (if any) is finished and committed; None on timeout."""
+        inflight = self._inflight
+        if inflight is None:
+            return None
+        if not inflight.done.wait(timeout):
+            return None
+        self._inflight = None
+        return inflight.result
+
+    @property
+    def in_flight(self) -> bool:
+        return self._inflight is not None and not self._inflight.done.is_set()
 
     # -- load ----------------------------------------------------------------------------------------
-    def check_compatible(self, step: int) -> dict[str, Any]:
-        marker = json.loads((self.root / step_dir_name(step) / MARKER).read_text())
-        for key, expected in self.fingerprints.items():
-            if marker.get(key) != expected:
-                what = "model architecture" if key == "model" else key
-                raise ConfigError(
-                    f"checkpoint.uri: {self.root / step_dir_name(step)} was written with a different {what} "
-                    f"({marker.get(key)} != {expected}); restore the original model/tokenizer settings, or set a "
-                    f"new checkpoint.uri to start afresh")
-        return marker
-
     def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective: loads model and optimizer shards in place (any world size) and returns the
         trainer state (step, histories)."""
-        self.check_compatible(step)
-        d = self.root / step_dir_name(step)
+        marker = self.check_compatible(step)
+        key = f"{step_dir_name(step)}/{marker['attempt']}"
         state: dict[str, Any] = {"model": get_model_state_dict(model),
                                  "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=str(d))
+        reader: Any
+        if isinstance(self.store, S3Store):
+            reader = S3Reader(self.store, key, int(marker.get("objectSize", self.s3.object_size_bytes)))
+        else:
+            assert isinstance(self.store, LocalStore)
+            reader = FileSystemReader(str(self.store.root / key))
+        dcp.load(state, storage_reader=reader)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
-        return json.loads((d / STATE).read_text())
+        return dict(json.loads(self.store.get(f"{key}/{STATE}")))
+
+
+def _first_cause(exc: BaseException) -> str:
+    """DCP wraps per-rank failures; name the underlying error (never the request, which may be signed)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(failures.items()))
+        inner_exc = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {type(inner_exc).__name__}: {str(inner_exc)[:300]}"
+    return str(exc)[:300]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:

@@ -113,8 +113,8 @@ class TrainingSpec(Section):
     micro_batch_size: int = Field(
         8, gt=0, description="Sequences per forward pass per process; gradients accumulate to the global batch."
     )
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)  # type: ignore[arg-type]
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)  # type: ignore[arg-type]
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 disables.")
     precision: Literal["bf16", "fp32"] = Field(
         "bf16", description="bf16 mixed precision where the device supports it, else fp32."
@@ -160,26 +160,60 @@ class TrainingSpec(Section):
         return None
 
 
+class S3Spec(Section):
+    """Where s3:// URIs (data, checkpoints, export) live. Credentials are never part of the manifest:
+    on clusters they come from `credentialsSecret`, locally from the usual boto3 chain."""
+
+    endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph...); empty: AWS.")
+    region: str | None = Field(None, description="Region, e.g. us-east-1.")
+    credentials_secret: str | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (clusters).")
+    addressing_style: Literal["auto", "virtual", "path"] = Field("auto", description="Bucket addressing style.")
+    part_size_bytes: int = Field(32 * 2**20, ge=5 * 2**20, le=5 * 2**30, description="Multipart part size.")
+    object_size_bytes: int = Field(
+        2**30, ge=5 * 2**20, description="Checkpoint files are split into objects of at most this size.")
+    max_concurrency: int = Field(8, ge=1, le=256, description="Parallel part uploads / ranged reads per process.")
+    max_attempts: int = Field(6, ge=1, le=50, description="Attempts per request (exponential backoff, jitter).")
+    timeout_seconds: float = Field(60.0, gt=0, description="Connect and read timeout per request.")
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> S3Spec:
+        if self.object_size_bytes % self.part_size_bytes:
+            raise ValueError(f"s3.objectSizeBytes ({self.object_size_bytes}) must be a multiple of "
+                             f"s3.partSizeBytes ({self.part_size_bytes})")
+        return self
+
+
 class CheckpointSpec(Section):
     uri: str | None = Field(
-        None, description="Where checkpoints go: a local path or file:// URI. Default: <output>/checkpoints."
-    )
+        None, description="Where checkpoints go: s3://bucket/prefix/, a local path or file:// URI. "
+        "Default: <output>/checkpoints.")
     every_steps: int = Field(500, ge=0, description="Save every N steps (and at the end); 0: end only.")
     keep: int = Field(3, ge=1, description="Committed checkpoints to keep; older ones are deleted.")
     export_hf: bool = Field(True, alias="exportHF", description="Write a Hugging Face model directory at the end.")
+    async_save: bool = Field(
+        True, description="Training resumes once state is copied to host memory; the write runs behind it.")
+    preemption_grace_seconds: float = Field(
+        25.0, gt=0, description="On SIGTERM, commit a checkpoint within this long or leave the previous one.")
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="Failed saves in a row that stop the job (single failures are reported, not fatal).")
 
     @model_validator(mode="after")
-    def _local_only(self) -> CheckpointSpec:
-        if self.uri is not None and "://" in self.uri and not self.uri.startswith("file://"):
+    def _known_scheme(self) -> CheckpointSpec:
+        if self.uri is not None and "://" in self.uri and not self.uri.startswith(("file://", "s3://")):
             scheme = self.uri.split("://", 1)[0]
-            raise ValueError(
-                f"checkpoint.uri scheme {scheme}:// is not supported yet; use a local path or file:// URI"
-            )
+            raise ValueError(f"checkpoint.uri scheme {scheme}:// is not supported; use s3://, file:// or a path")
+        if self.uri is not None and self.uri.startswith("s3://") and len(self.uri.rstrip("/")) <= len("s3://"):
+            raise ValueError("checkpoint.uri: s3:// needs a bucket, e.g. s3://my-bucket/jobs/llama/")
         return self
 
     @property
+    def is_s3(self) -> bool:
+        return self.uri is not None and self.uri.startswith("s3://")
+
+    @property
     def local_path(self) -> str | None:
-        if self.uri is None:
+        if self.uri is None or self.is_s3:
             return None
         return self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
 
@@ -194,12 +228,13 @@ class MetricsSpec(Section):
 class TrainerConfig(Section):
     """Everything the trainer needs; the operator embeds these sections in the LLMTrainingJob spec."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec)  # type: ignore[arg-type]
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)  # type: ignore[arg-type]
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec
-    training: TrainingSpec = Field(default_factory=TrainingSpec)  # type: ignore[arg-type]
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
-    metrics: MetricsSpec = Field(default_factory=MetricsSpec)  # type: ignore[arg-type]
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    s3: S3Spec = Field(default_factory=S3Spec)
 
     @model_validator(mode="after")
     def _tokenizer_source(self) -> TrainerConfig:

@@ -304,6 +304,13 @@ def prepare(
     return stats
 
 
+def upload_prepared(local: Path, uri: str, s3: Any) -> None:
+    """Copy a prepared directory (train/, validation/, tokenizer/) to an s3:// prefix."""
+    from .storage import S3Store
+
+    S3Store(uri, s3).upload_tree(local, "")
+
+
 def iter_training_texts(files: list[Path], text_field: str, split: float | None, limit_chars: int) -> Iterator[str]:
     """Cleaned training documents (validation hold-out excluded) for tokenizer training, up to a budget."""
     used = 0

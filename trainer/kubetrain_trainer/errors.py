@@ -2,6 +2,7 @@
 
 EXIT_CONFIG = 2  # bad manifest, data, tokenizer or checkpoint: retrying cannot help
 EXIT_NON_FINITE = 3  # loss or gradients became NaN/inf: deterministic, so retrying cannot help either
+EXIT_CHECKPOINT = 4  # checkpoints kept failing (storage down or misconfigured): retry after fixing it
 EXIT_PREEMPTED = 143  # SIGTERM honoured: a checkpoint was committed; restart to resume (128 + SIGTERM)
 
 
@@ -21,3 +22,14 @@ class NonFiniteError(Exception):
             f"raise training.schedule.warmupSteps, or set training.gradClip"
         )
         self.step = step
+
+
+class CheckpointFailedError(Exception):
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self, failures: int, last_checkpoint: int | None):
+        super().__init__(
+            f"{failures} checkpoint saves in a row failed (see the log for the storage errors); stopping so that "
+            f"no more training is lost. The newest committed checkpoint is step {last_checkpoint}. Check "
+            f"checkpoint.uri, the s3 settings and the credentials, or raise checkpoint.maxConsecutiveFailures"
+        )

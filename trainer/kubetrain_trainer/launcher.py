@@ -30,11 +30,15 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
     from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
     d = cfg.data
-    if datamod.is_prepared(d.train):
-        if d.validation is None or not datamod.is_prepared(d.validation):
+    if d.train.startswith("s3://") or datamod.is_prepared(d.train):
+        if d.validation is None or not (d.validation.startswith("s3://") or datamod.is_prepared(d.validation)):
             raise ConfigError("data.validation: with prepared training shards, give the prepared validation "
                               "shards too (the validation/ directory `kubetrain prepare` wrote)")
-        tok_path = cfg.tokenizer.path or str(Path(d.train).parent / "tokenizer")
+        tok_path = cfg.tokenizer.path or d.train.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
+        if tok_path.startswith("s3://"):
+            from .train import local_copy
+
+            tok_path = local_copy(tok_path, workdir / "tokenizer-download", cfg, "tokenizer.path")
         load_tokenizer(tok_path)
         return cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": tok_path})})
 
@@ -86,17 +90,19 @@ def preflight(cfg: TrainerConfig, nproc: int, output: Path) -> None:
     from .checkpoint import CheckpointManager
     from .dataset import TokenShards
     from .model import llama_config, model_fingerprint
+    from .storage import open_store
     from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if (problem := cfg.training.batch_layout_error(nproc)) is not None:
         raise ConfigError(problem)
     tokenizer = load_tokenizer(str(cfg.tokenizer.path))
     mcfg = llama_config(cfg.model, len(tokenizer), cfg.data.seq_length)
-    train = TokenShards(str(cfg.data.train), cfg.data.seq_length, "data.train")
+    train = TokenShards(str(cfg.data.train), cfg.data.seq_length, "data.train", s3=cfg.s3)
     if len(train) < cfg.training.global_batch_size:
         raise ConfigError(f"data.train holds {len(train)} sequences of {cfg.data.seq_length} tokens, fewer than "
                           f"training.globalBatchSize ({cfg.training.global_batch_size}); add data or lower either")
-    manager = CheckpointManager(Path(cfg.checkpoint.local_path or output / "checkpoints"), cfg.checkpoint.keep, -1,
+    store = open_store(cfg.checkpoint.uri or str(output / "checkpoints"), cfg.s3)
+    manager = CheckpointManager(store, cfg.checkpoint.keep, -1,
                                 {"model": model_fingerprint(mcfg), "tokenizer": tokenizer_fingerprint(tokenizer)})
     latest = manager.latest()
     if latest is not None:

@@ -70,6 +70,15 @@ class TrainingMetrics:
         self.checkpoint_seconds = Histogram(
             "kubetrain_checkpoint_save_seconds", "Wall time of a checkpoint save", registry=r,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+        self.checkpoint_blocked = Histogram(
+            "kubetrain_checkpoint_blocked_seconds", "Training time blocked by a checkpoint save (staging)",
+            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 120))
+        self.checkpoint_bytes = Counter("kubetrain_checkpoint_written_bytes", "Checkpoint bytes this process wrote",
+                                        registry=r)
+        self.checkpoint_throughput = Gauge("kubetrain_checkpoint_write_bytes_per_second",
+                                           "Write throughput of this process's last checkpoint", registry=r)
+        self.checkpoint_failures = Counter("kubetrain_checkpoint_failures", "Checkpoint saves that failed",
+                                           registry=r)
         self.checkpoint_step = Gauge("kubetrain_checkpoint_last_step", "Newest committed checkpoint step", registry=r)
         self.parameters = Gauge("kubetrain_model_parameters", "Model parameters", registry=r)
         self.flops_per_token = Gauge("kubetrain_model_flops_per_token", "Training FLOPs per token", registry=r)

@@ -23,14 +23,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointManager, full_state_dict
+from .checkpoint import CheckpointManager, SaveResult, full_state_dict
 from .config import TrainerConfig
 from .dataset import TokenShards, eval_micro_batches, rank_micro_batches
-from .errors import EXIT_PREEMPTED, ConfigError, NonFiniteError
+from .errors import EXIT_PREEMPTED, CheckpointFailedError, ConfigError, NonFiniteError
 from .metrics import MetricsServer, ProgressState, TrainingMetrics, device_peak_flops
 from .model import build_model, llama_config, model_cost, model_fingerprint
 from .optim import build_optimizer, lr_at
 from .parallelize import choose_parallelism, no_sync, parallelize
+from .storage import S3Store, open_store
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger("kubetrain.train")
@@ -52,9 +53,12 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
+        self.received_at = 0.0
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            self.received_at = time.monotonic()
         self.requested = True
 
 
@@ -115,11 +119,11 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
 
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: the trainer needs a prepared tokenizer; run it through `kubetrain run`")
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    train_data = TokenShards(cfg.data.train, cfg.data.seq_length, "data.train")
+    tokenizer = load_tokenizer(local_copy(cfg.tokenizer.path, output / "tokenizer-download", cfg, "tokenizer.path"))
+    train_data = TokenShards(cfg.data.train, cfg.data.seq_length, "data.train", s3=cfg.s3)
     if cfg.data.validation is None:
         raise ConfigError("data.validation: the trainer needs prepared validation shards")
-    val_data = TokenShards(cfg.data.validation, cfg.data.seq_length, "data.validation")
+    val_data = TokenShards(cfg.data.validation, cfg.data.seq_length, "data.validation", s3=cfg.s3)
     tok_fp = tokenizer_fingerprint(tokenizer)
     for name, shards in (("data.train", train_data), ("data.validation", val_data)):
         if shards.tokenizer_fingerprint != tok_fp:
@@ -159,20 +163,48 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
     # Every rank measured its own peak on CPU; use the mean so MFU is the same number everywhere.
     peak = all_sum([peak], device)[0] / world
 
-    ckpt_root = Path(cfg.checkpoint.local_path or output / "checkpoints")
-    manager = CheckpointManager(ckpt_root, cfg.checkpoint.keep, rank,
-                                {"model": model_fingerprint(mcfg), "tokenizer": tok_fp})
+    ckpt_uri = cfg.checkpoint.uri or str(output / "checkpoints")
+    store = open_store(ckpt_uri, cfg.s3)
+    committed: dict[str, Any] = {"step": None, "failures": 0}
+
+    def on_save_result(result: SaveResult) -> None:  # runs in the checkpoint thread when a save ends
+        metrics.checkpoint_seconds.observe(result.total_seconds)
+        metrics.checkpoint_bytes.inc(result.bytes_written)
+        if result.total_seconds > 0:
+            metrics.checkpoint_throughput.set(result.bytes_written / result.total_seconds)
+        if result.ok:
+            committed["step"] = result.step
+            metrics.checkpoint_step.set(result.step)
+            info = {"step": result.step, "uri": store.child_uri(f"step-{result.step:09d}"), "time": time.time()}
+            if progress:
+                progress.update(checkpoint=info, checkpointFailures=committed["failures"])
+            events.emit("checkpoint", step=result.step, seconds=result.total_seconds,
+                        blockedSeconds=result.blocked_seconds, bytes=result.bytes_written, path=info["uri"])
+            log.info("checkpoint step %d committed: %.2fs in all, %.3fs blocking, %.1f MB", result.step,
+                     result.total_seconds, result.blocked_seconds, result.bytes_written / 1e6)
+        else:
+            committed["failures"] += 1
+            metrics.checkpoint_failures.inc()
+            if progress:
+                progress.update(checkpointFailures=committed["failures"], lastCheckpointError=result.error)
+            events.emit("checkpoint_failed", step=result.step, error=result.error)
+
+    manager = CheckpointManager(store, cfg.checkpoint.keep, rank,
+                                {"model": model_fingerprint(mcfg), "tokenizer": tok_fp}, s3=cfg.s3,
+                                process_group=dist.new_group(backend="gloo"), on_result=on_save_result)
+    if rank == 0:
+        manager.clean_up_after_crash()
     latest_box: list[Any] = [manager.latest() if rank == 0 else None]
     dist.broadcast_object_list(latest_box, src=0)  # every rank resumes from the same step
     latest = latest_box[0]
     state: dict[str, Any] = {"step": 0, "trainLoss": [], "evals": [], "elapsedSeconds": 0.0, "tokens": 0}
     if latest is not None:
         state = manager.load(latest, model, optimizer)
-        log.info("resumed from %s at step %d", ckpt_root, latest)
+        log.info("resumed from %s at step %d", store.child_uri(f"step-{latest:09d}"), latest)
     start_step = state["step"]
-    last_ckpt = latest
-    if last_ckpt is not None:
-        metrics.checkpoint_step.set(last_ckpt)
+    committed["step"] = latest
+    if latest is not None:
+        metrics.checkpoint_step.set(latest)
     tokens_per_step = ts.global_batch_size * cfg.data.seq_length
     n_eval = min(len(val_data), ts.eval_batches * ts.global_batch_size)
     accum = ts.global_batch_size // world // ts.micro_batch_size
@@ -196,17 +228,30 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         log.info("eval step %d loss %.4f ppl %.2f", step, loss, math.exp(min(loss, 50.0)))
         return loss
 
-    def save(step: int) -> None:
-        nonlocal last_ckpt
-        seconds = manager.save(step, model, optimizer, state)
-        last_ckpt = step
-        metrics.checkpoint_seconds.observe(seconds)
-        metrics.checkpoint_step.set(step)
-        checkpoint = {"step": step, "uri": str(ckpt_root / f"step-{step:09d}"), "time": time.time()}
-        if progress:
-            progress.update(checkpoint=checkpoint)
-        events.emit("checkpoint", step=step, seconds=seconds, path=checkpoint["uri"])
-        log.info("checkpoint step %d committed in %.2fs", step, seconds)
+    def save(step: int, asynchronous: bool = cfg.checkpoint.async_save) -> None:
+        if all_sum([float(manager.consecutive_failures)], device)[0] >= cfg.checkpoint.max_consecutive_failures:
+            raise CheckpointFailedError(manager.consecutive_failures, committed["step"])
+        blocked = manager.save(step, model, optimizer, state, asynchronous=asynchronous)
+        metrics.checkpoint_blocked.observe(blocked)
+        state["checkpointBlockedSeconds"] = state.get("checkpointBlockedSeconds", 0.0) + blocked
+
+    def preempt(step: int) -> None:
+        """SIGTERM: commit a checkpoint of this step within the grace period, or leave the last one."""
+        deadline = preemption.received_at + cfg.checkpoint.preemption_grace_seconds
+        manager.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if not manager.in_flight:
+            save(step, asynchronous=True)
+            result = manager.wait(timeout=max(0.0, deadline - time.monotonic()))
+        else:
+            result = None
+        if result is not None and result.ok:
+            events.emit("preempted", step=step)
+            log.warning("SIGTERM: checkpoint of step %d committed; exiting for a restart to resume", step)
+        else:
+            events.emit("preempted", step=committed["step"], uncommittedStep=step)
+            log.warning("SIGTERM: could not commit step %d within %.0fs; checkpoint %s stays the newest", step,
+                        cfg.checkpoint.preemption_grace_seconds, committed["step"])
+        raise SystemExit(EXIT_PREEMPTED)
 
     if start_step == 0 and not state["evals"]:
         run_eval(0)
@@ -221,6 +266,9 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
             group["lr"] = lr
         micro_batches = rank_micro_batches(step, ts.global_batch_size, ts.micro_batch_size, len(train_data),
                                            ts.seed, rank, world)
+        if step + 1 < ts.max_steps:  # remote shards: fetch the next step's sequences while this one runs
+            train_data.prefetch(np.concatenate(rank_micro_batches(
+                step + 1, ts.global_batch_size, ts.micro_batch_size, len(train_data), ts.seed, rank, world)))
         loss_sum = torch.zeros((), device=device)
         wait = 0.0
         for i, idx in enumerate(micro_batches):
@@ -237,9 +285,9 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         total, stop = all_sum([loss_sum.item(), float(preemption.requested)], device)
         train_loss = total / world
         if not math.isfinite(train_loss):
-            raise NonFiniteError(step + 1, f"training loss ({train_loss})", last_ckpt)
+            raise NonFiniteError(step + 1, f"training loss ({train_loss})", committed["step"])
         if not math.isfinite(grad_norm):
-            raise NonFiniteError(step + 1, f"gradient norm ({grad_norm})", last_ckpt)
+            raise NonFiniteError(step + 1, f"gradient norm ({grad_norm})", committed["step"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -269,23 +317,26 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         if ts.eval_every and step % ts.eval_every == 0 and step < ts.max_steps:
             run_eval(step)
         if stop:
-            save(step)
-            events.emit("preempted", step=step)
-            log.warning("SIGTERM: checkpoint of step %d committed; exiting for a restart to resume", step)
-            raise SystemExit(EXIT_PREEMPTED)
+            preempt(step)
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < ts.max_steps:
             save(step)
 
     if not state["evals"] or state["evals"][-1]["step"] != step:
         run_eval(step)
-    if last_ckpt != step:
-        save(step)
+    if committed["step"] != step:
+        save(step, asynchronous=False)
+    result = manager.wait()
+    if result is not None and not result.ok:
+        raise CheckpointFailedError(manager.consecutive_failures, committed["step"])
     if progress:
         progress.update(phase="exporting")
     results = summarize(state, cost.to_dict(), info)
     if cfg.checkpoint.export_hf:
         export_hf(model, mcfg, tokenizer, output / "model", layout.dtype, rank)
         results["model"] = str(output / "model")
+        if rank == 0 and isinstance(store, S3Store):
+            store.upload_tree(output / "model", "hf/")
+            results["modelUri"] = store.child_uri("hf/")
     if rank == 0:
         (output / "results.json").write_text(json.dumps(results, indent=1))
     events.emit("done", **results)
@@ -295,6 +346,18 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         server.close()
     dist.destroy_process_group()
     return results
+
+
+def local_copy(path: str, cache: Path, cfg: TrainerConfig, field_name: str) -> str:
+    """A local path for `path`, downloading an s3:// prefix into `cache` first."""
+    if not path.startswith("s3://"):
+        return path
+    from .storage import fetch_tree
+
+    try:
+        return str(fetch_tree(path, cache, cfg.s3))
+    except Exception as exc:
+        raise ConfigError(f"{field_name}: cannot download {path} ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 def summarize(state: dict[str, Any], cost: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -357,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(format_validation_error(exc)) from exc
         train(cfg, output)
         return 0
-    except (ConfigError, NonFiniteError) as exc:
+    except (ConfigError, NonFiniteError, CheckpointFailedError) as exc:
         events.emit("error", message=str(exc), exitCode=exc.exit_code)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
