@@ -196,8 +196,9 @@ def test_s3_outage_during_an_upload_fails_cleanly_and_training_goes_on(s3: MotoS
     cfg["checkpoint"]["everySteps"] = 10
     config.write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    proc = subprocess.Popen(torchrun_cmd(2, config, out), env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(torchrun_cmd(2, config, out), env=env(), start_new_session=True, stdout=log,
+                            stderr=subprocess.STDOUT)
     client = s3.client()
     wait_for(lambda: any("outage/step-" in k for k in incomplete_uploads(client, BUCKET)), timeout=180,
              what="an upload in flight")
@@ -206,8 +207,10 @@ def test_s3_outage_during_an_upload_fails_cleanly_and_training_goes_on(s3: MotoS
     wait_for(lambda: len(read_events(out, "step")) >= steps_at_stop + 3, what="training to go on during the outage")
     s3.start()
     s3.client().create_bucket(Bucket=BUCKET)  # moto forgets everything when it stops
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-3000:]
+    proc.wait(timeout=600)
+    output = (tmp_path / "train.log").read_text()
+    assert proc.returncode == 0, f"exit code {proc.returncode}: {output[-3000:]}"
+    assert SECRET not in output
     failed = read_events(out, "checkpoint_failed")
     committed = [e["step"] for e in read_events(out, "checkpoint")]
     assert failed, "the upload interrupted by the outage should have failed"

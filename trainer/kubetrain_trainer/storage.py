@@ -360,7 +360,8 @@ class _MultipartStream(io.RawIOBase):
 
     def abort(self) -> None:
         for f in self._parts:
-            f.cancel()
+            if f.cancel():  # never ran, so its finally clause will not return the slot: return it here
+                self.fs.slots.release()
         cf.wait(self._parts)
         if self._upload_id is not None:
             s3, bucket, key, upload_id = self.fs.store.client, self.fs.store.bucket, self._key(), self._upload_id
@@ -456,7 +457,9 @@ class _CachedStaging:
 class S3Writer(_CachedStaging, FileSystemWriter):
     """FileSystemWriter (planning, staging for async saves, metadata) over S3FileSystem."""
 
-    def __init__(self, store: S3Store, step_key: str, thread_count: int = 2):
+    # One DCP writer thread: its extra threads (thread_count > 1) lose their exceptions, so a failed
+    # file could go unreported. Parallelism comes from the concurrent part uploads instead.
+    def __init__(self, store: S3Store, step_key: str, thread_count: int = 1):
         super().__init__(step_key, sync_files=False, thread_count=thread_count, cache_staged_state_dict=True)
         self.fs = S3FileSystem(store)  # type: ignore[assignment]
         self.path = self.fs.init_path(step_key)
@@ -481,7 +484,7 @@ class CountingFileSystem(FileSystem):
 
 
 class LocalWriter(_CachedStaging, FileSystemWriter):
-    def __init__(self, path: str, thread_count: int = 2):
+    def __init__(self, path: str, thread_count: int = 1):
         super().__init__(path, sync_files=True, thread_count=thread_count, cache_staged_state_dict=True)
         self.fs = CountingFileSystem()
 
