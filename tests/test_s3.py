@@ -219,6 +219,40 @@ def test_s3_outage_during_an_upload_fails_cleanly_and_training_goes_on(s3: MotoS
     assert f"outage/step-000000080/{MARKER}" in objects(s3.client(), BUCKET, "outage/")
 
 
+def test_failing_saves_stop_the_job_after_max_consecutive_failures(s3: MotoServer, prepared: Path,
+                                                                    tmp_path: Path) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket="fragile")
+    config = _config(tmp_path, prepared, s3, "x", "fragile", maxSteps=200)
+    cfg = json.loads(config.read_text())
+    cfg["checkpoint"].update(uri="s3://fragile/job/", everySteps=3, maxConsecutiveFailures=2)
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(torchrun_cmd(2, config, out), env=env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_for(lambda: read_events(out, "checkpoint"), timeout=180, what="a first committed checkpoint")
+    for key in objects(client, "fragile"):
+        client.delete_object(Bucket="fragile", Key=key)
+    client.delete_bucket(Bucket="fragile")  # every later save fails: NoSuchBucket
+    proc.wait(timeout=300)
+    failures = read_events(out, "checkpoint_failed")
+    error = read_events(out, "error")[-1]
+    assert proc.returncode != 0 and len(failures) >= 2, (tmp_path / "train.log").read_text()[-3000:]
+    assert error["exitCode"] == 4 and "checkpoint saves in a row failed" in error["message"]
+    assert "NoSuchBucket" in failures[0]["error"] and SECRET not in json.dumps(failures)
+
+
+def test_unreachable_checkpoint_store_is_a_clear_error(s3: MotoServer, prepared: Path, tmp_path: Path) -> None:
+    manifest = job_manifest(prepared, checkpoint={"uri": "s3://no-such-bucket/x/"}, s3=s3.s3_section())
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    result = subprocess.run([*KUBETRAIN, "run", str(path), "--output", str(tmp_path / "out")], env=env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "checkpoint.uri: cannot list s3://no-such-bucket/x/" in result.stderr and "NoSuchBucket" in result.stderr
+    assert "Traceback" not in result.stderr and SECRET not in result.stderr
+
+
 def test_run_from_s3_data_to_s3_checkpoints_with_preemption_export_and_no_leaked_secret(
         s3: MotoServer, small_corpus: Path, tmp_path: Path) -> None:
     cli_env = {**env(), "AWS_ENDPOINT_URL_S3": s3.endpoint}

@@ -281,8 +281,19 @@ def _first_cause(exc: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         rank, inner = next(iter(failures.items()))
         inner_exc = inner[0] if isinstance(inner, tuple) else inner
-        return f"rank {rank}: {type(inner_exc).__name__}: {str(inner_exc)[:300]}"
-    return str(exc)[:300]
+        root = _root_cause(inner_exc)
+        return f"rank {rank}: {type(root).__name__}: {str(root)[:300]}"
+    root = _root_cause(exc)
+    return f"{type(root).__name__}: {str(root)[:300]}" if root is not exc else str(exc)[:300]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first error of a chain (e.g. the S3 error under torch.save's 'unexpected pos')."""
+    seen = set()
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(exc))
+        exc = nxt
+    return exc
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:

@@ -104,7 +104,11 @@ def preflight(cfg: TrainerConfig, nproc: int, output: Path) -> None:
     store = open_store(cfg.checkpoint.uri or str(output / "checkpoints"), cfg.s3)
     manager = CheckpointManager(store, cfg.checkpoint.keep, -1,
                                 {"model": model_fingerprint(mcfg), "tokenizer": tokenizer_fingerprint(tokenizer)})
-    latest = manager.latest()
+    try:
+        latest = manager.latest()
+    except Exception as exc:  # storage errors name the operation, never the credentials
+        raise ConfigError(f"checkpoint.uri: cannot list {store.uri} ({type(exc).__name__}: {str(exc)[:200]}); check "
+                          f"the bucket, s3.endpoint and the credentials") from exc
     if latest is not None:
         manager.check_compatible(latest)
 
@@ -214,7 +218,7 @@ def last_event(path: Path, kind: str, since: int = 0) -> dict[str, Any] | None:
     return found
 
 
-def generate_sample(model_dir: Path, prompt: str | None, validation_dir: Path, seq_length: int,
+def generate_sample(model_dir: Path, prompt: str | None, validation: str, seq_length: int, s3: Any = None,
                     max_new_tokens: int = 60, seed: int = 0) -> dict[str, str]:
     """Sample from the exported model as a user would: from_pretrained, then generate."""
     import numpy as np
@@ -227,7 +231,7 @@ def generate_sample(model_dir: Path, prompt: str | None, validation_dir: Path, s
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     if prompt is None:  # the opening of the held-out text: meaningful for any corpus
-        first = TokenShards(validation_dir, seq_length, "data.validation").batch(np.array([0]))[0]
+        first = TokenShards(validation, seq_length, "data.validation", s3=s3).batch(np.array([0]))[0]
         ids = first[:12].unsqueeze(0)
         prompt = str(tok.decode(ids[0], skip_special_tokens=True))
     else:
@@ -295,8 +299,8 @@ def run(manifest_path: str, output: str | None, nproc: int | None, prompt: str |
     results = json.loads((out / "results.json").read_text())
     summary = dict(results)
     if cfg.checkpoint.export_hf:
-        summary["sample"] = generate_sample(out / "model", prompt, Path(str(cfg.data.validation)),
-                                            cfg.data.seq_length, seed=cfg.training.seed)
+        summary["sample"] = generate_sample(out / "model", prompt, str(cfg.data.validation), cfg.data.seq_length,
+                                            s3=cfg.s3, seed=cfg.training.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_losses(results, out / "loss.png")
     print_summary(summary, out)

@@ -283,6 +283,7 @@ class _MultipartStream(io.RawIOBase):
         self._object_bytes = 0  # bytes of the current object handed to parts so far
         self._upload_id: str | None = None
         self._parts: list[cf.Future] = []
+        self.error: Exception | None = None
 
     def writable(self) -> bool:
         return True
@@ -291,6 +292,13 @@ class _MultipartStream(io.RawIOBase):
         return self._pos
 
     def write(self, b: Any) -> int:
+        try:
+            return self._write(b)
+        except Exception as exc:  # remembered: torch.save reports a later, meaningless error instead
+            self.error = self.error or exc
+            raise
+
+    def _write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         n = len(view)
         while len(view):
@@ -394,10 +402,12 @@ class S3FileSystem(FileSystemBase):
             stream = _MultipartStream(self, key)
             try:
                 yield stream
-            except BaseException:
+                stream.close()
+            except BaseException as exc:
                 stream.abort()
+                if stream.error is not None and stream.error is not exc:
+                    raise stream.error from exc  # the storage error, not torch.save's symptom of it
                 raise
-            stream.close()
         else:  # whole small objects only (.metadata); tensors are read by S3Reader with ranged GETs
             yield io.BytesIO(self.read_file(key))
 

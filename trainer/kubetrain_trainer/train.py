@@ -192,10 +192,17 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
     manager = CheckpointManager(store, cfg.checkpoint.keep, rank,
                                 {"model": model_fingerprint(mcfg), "tokenizer": tok_fp}, s3=cfg.s3,
                                 process_group=dist.new_group(backend="gloo"), on_result=on_save_result)
+    latest_box: list[Any] = [None]
     if rank == 0:
-        manager.clean_up_after_crash()
-    latest_box: list[Any] = [manager.latest() if rank == 0 else None]
+        try:
+            manager.clean_up_after_crash()
+            latest_box[0] = manager.latest()
+        except Exception as exc:
+            latest_box[0] = ConfigError(f"checkpoint.uri: cannot read {store.uri} ({type(exc).__name__}: "
+                                        f"{str(exc)[:200]}); check the bucket, s3.endpoint and the credentials")
     dist.broadcast_object_list(latest_box, src=0)  # every rank resumes from the same step
+    if isinstance(latest_box[0], ConfigError):
+        raise latest_box[0]
     latest = latest_box[0]
     state: dict[str, Any] = {"step": 0, "trainLoss": [], "evals": [], "elapsedSeconds": 0.0, "tokens": 0}
     if latest is not None:
@@ -229,7 +236,9 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         return loss
 
     def save(step: int, asynchronous: bool = cfg.checkpoint.async_save) -> None:
-        if all_sum([float(manager.consecutive_failures)], device)[0] >= cfg.checkpoint.max_consecutive_failures:
+        failures = torch.tensor(float(manager.consecutive_failures), device=device)
+        dist.all_reduce(failures, op=dist.ReduceOp.MAX)
+        if failures.item() >= cfg.checkpoint.max_consecutive_failures:
             raise CheckpointFailedError(manager.consecutive_failures, committed["step"])
         blocked = manager.save(step, model, optimizer, state, asynchronous=asynchronous)
         metrics.checkpoint_blocked.observe(blocked)
