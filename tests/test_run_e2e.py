@@ -144,7 +144,8 @@ def test_resume_after_kill9_continues_exactly(prepared: Path, tmp_path: Path) ->
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_cmd(2, config, killed), env=trainer_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any(e["step"] >= 22 for e in read_events(killed, "step")), what="steps past the checkpoint")
+    wait_for(lambda: any(e["step"] == 20 for e in read_events(killed, "checkpoint"))
+             and any(e["step"] >= 22 for e in read_events(killed, "step")), what="steps past the step-20 commit")
     assert proc.poll() is None, "finished before it could be killed"
     kill9_tree(proc.pid)  # like a lost node: torchrun and every worker (each in its own session) at once
     proc.wait()
