@@ -290,7 +290,8 @@ def _first_cause(exc: BaseException) -> str:
 def _root_cause(exc: BaseException) -> BaseException:
     """The first error of a chain (e.g. the S3 error under torch.save's 'unexpected pos')."""
     seen = set()
-    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+    while (nxt := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None \
+            and id(nxt) not in seen:
         seen.add(id(exc))
         exc = nxt
     return exc
