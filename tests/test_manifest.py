@@ -54,7 +54,8 @@ def _error(manifest: dict) -> str:
     ({"data": {"validation": "v", "validationSplit": 0.1}}, "set either data.validation or data.validationSplit"),
     ({"checkpoint": {"uri": "gs://bucket/x"}}, "checkpoint.uri scheme gs:// is not supported"),
     ({"checkpoint": {"uri": "s3://"}}, "checkpoint.uri: s3:// needs a bucket"),
-    ({"s3": {"partSizeBytes": 6291456, "objectSizeBytes": 10485760}}, "s3.objectSizeBytes (10485760) must be a multiple"),
+    ({"s3": {"partSizeBytes": 6291456, "objectSizeBytes": 10485760}},
+     "s3.objectSizeBytes (10485760) must be a multiple"),
     ({"training": {"schedule": {"warmupSteps": 50}, "maxSteps": 10}}, "warmupSteps (50) must be below"),
     ({"training": {"optimizer": {"betas": [0.9, 1.5]}}}, "betas must both lie in [0, 1)"),
 ])

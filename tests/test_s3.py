@@ -16,7 +16,8 @@ import torch.distributed as dist
 from conftest import KUBETRAIN, job_manifest, read_events, step_losses, torchrun_cmd, wait_for, write_manifest
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import S3Spec
-from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3FileSystem, S3Reader, S3Store
+from kubetrain_trainer.dcp_storage import S3FileSystem, S3Reader
+from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store
 from s3_support import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
 
 BUCKET = "kubetrain-test"

@@ -43,8 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import S3Spec
+from .dcp_storage import LocalWriter, S3Reader, S3Writer
 from .errors import ConfigError
-from .storage import AlreadyExists, LocalStore, LocalWriter, S3Reader, S3Store, S3Writer, Store
+from .storage import AlreadyExists, LocalStore, S3Store, Store
 
 log = logging.getLogger(__name__)
 
