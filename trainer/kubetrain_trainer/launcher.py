@@ -36,9 +36,9 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
                               "shards too (the validation/ directory `kubetrain prepare` wrote)")
         tok_path = cfg.tokenizer.path or d.train.rstrip("/").rsplit("/", 1)[0] + "/tokenizer"
         if tok_path.startswith("s3://"):
-            from .train import local_copy
+            from .storage import local_copy
 
-            tok_path = local_copy(tok_path, workdir / "tokenizer-download", cfg, "tokenizer.path")
+            tok_path = local_copy(tok_path, workdir / "tokenizer-download", cfg.s3, "tokenizer.path")
         load_tokenizer(tok_path)
         return cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": tok_path})})
 

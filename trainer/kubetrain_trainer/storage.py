@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from .config import S3Spec
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -242,6 +243,16 @@ def fetch_tree(uri: str, local: Path, spec: S3Spec) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(store.get(key))
     return local
+
+
+def local_copy(path: str, cache: Path, spec: S3Spec, field_name: str) -> str:
+    """A local path for `path`, downloading an s3:// prefix (a tokenizer, say) into `cache` first."""
+    if not path.startswith("s3://"):
+        return path
+    try:
+        return str(fetch_tree(path, cache, spec))
+    except Exception as exc:
+        raise ConfigError(f"{field_name}: cannot download {path} ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 def open_store(uri: str, spec: S3Spec) -> Store:

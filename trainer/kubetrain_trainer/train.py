@@ -31,7 +31,7 @@ from .metrics import MetricsServer, ProgressState, TrainingMetrics, device_peak_
 from .model import build_model, llama_config, model_cost, model_fingerprint
 from .optim import build_optimizer, lr_at
 from .parallelize import choose_parallelism, no_sync, parallelize
-from .storage import S3Store, open_store
+from .storage import S3Store, local_copy, open_store
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger("kubetrain.train")
@@ -119,7 +119,8 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
 
     if cfg.tokenizer.path is None:
         raise ConfigError("tokenizer.path: the trainer needs a prepared tokenizer; run it through `kubetrain run`")
-    tokenizer = load_tokenizer(local_copy(cfg.tokenizer.path, output / "tokenizer-download", cfg, "tokenizer.path"))
+    tokenizer = load_tokenizer(local_copy(cfg.tokenizer.path, output / "tokenizer-download", cfg.s3,
+                                          "tokenizer.path"))
     train_data = TokenShards(cfg.data.train, cfg.data.seq_length, "data.train", s3=cfg.s3)
     if cfg.data.validation is None:
         raise ConfigError("data.validation: the trainer needs prepared validation shards")
@@ -355,18 +356,6 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         server.close()
     dist.destroy_process_group()
     return results
-
-
-def local_copy(path: str, cache: Path, cfg: TrainerConfig, field_name: str) -> str:
-    """A local path for `path`, downloading an s3:// prefix into `cache` first."""
-    if not path.startswith("s3://"):
-        return path
-    from .storage import fetch_tree
-
-    try:
-        return str(fetch_tree(path, cache, cfg.s3))
-    except Exception as exc:
-        raise ConfigError(f"{field_name}: cannot download {path} ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 def summarize(state: dict[str, Any], cost: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
