@@ -114,5 +114,17 @@ def torchrun_cmd(nproc: int, config: Path, output: Path) -> list[str]:
             "--max-restarts=0", "-m", "kubetrain_trainer.train", "--config", str(config), "--output", str(output)]
 
 
+def kill9_tree(pid: int) -> None:
+    """kill -9 a process and all its descendants at once, like a lost node (torchrun's workers run in
+    sessions of their own, so killing its process group would miss them)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def trainer_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -10,11 +10,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from conftest import (
     job_manifest,
+    kill9_tree,
     read_events,
     run_cli,
     step_losses,
@@ -26,14 +26,6 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
-
-
-def kill9_tree(pid: int) -> None:
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture(scope="module")

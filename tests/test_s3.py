@@ -9,11 +9,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import KUBETRAIN, job_manifest, read_events, step_losses, torchrun_cmd, wait_for, write_manifest
+from conftest import (
+    KUBETRAIN,
+    job_manifest,
+    kill9_tree,
+    read_events,
+    step_losses,
+    torchrun_cmd,
+    wait_for,
+    write_manifest,
+)
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import S3Spec
 from kubetrain_trainer.dcp_storage import S3FileSystem, S3Reader
@@ -132,14 +140,6 @@ def _train(nproc: int, config: Path, output: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def _kill_tree(pid: int) -> None:
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
-
-
 def test_kill9_mid_upload_resumes_exactly_from_the_previous_commit(s3: MotoServer, prepared: Path,
                                                                     tmp_path: Path) -> None:
     client = s3.client()
@@ -153,7 +153,7 @@ def test_kill9_mid_upload_resumes_exactly_from_the_previous_commit(s3: MotoServe
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: any("kill/step-000000020/" in k for k in incomplete_uploads(client, BUCKET)), timeout=180,
              what="the step-20 upload in flight")
-    _kill_tree(proc.pid)
+    kill9_tree(proc.pid)
     proc.wait()
     keys = objects(client, BUCKET, "kill/")
     assert [k for k in keys if k.endswith(MARKER)] == [f"kill/step-000000010/{MARKER}"]
