@@ -21,6 +21,7 @@ def test_example_manifests_validate() -> None:
     assert big.spec.model.preset == "llama-7b"
     assert (big.spec.workers.nodes, big.spec.workers.proc_per_node) == (4, 8)
     assert big.spec.training.batch_layout_error(32) is None
+    assert big.spec.training.batch_layout_error(24) is None  # minNodes 3 × 8 GPUs can keep training
 
 
 def test_camel_case_round_trip_and_trainer_section() -> None:

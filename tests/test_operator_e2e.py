@@ -5,25 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import pytest_asyncio
+from aiohttp import web
 from operator_support import (
-    JOBS, JOBS_URL, MERGE, NS, PODS_URL, Cluster, declare_resources, running_operator, spec_dict, wait_until,
+    JOBS,
+    JOBS_URL,
+    MERGE,
+    NS,
+    PODS_URL,
+    Cluster,
+    declare_resources,
+    running_operator,
+    spec_dict,
+    wait_until,
     write_kubeconfig,
 )
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=Cluster)]
 
 
-@pytest.fixture(autouse=True)
-def cluster(kmock: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cluster:
+@pytest_asyncio.fixture(autouse=True)
+async def cluster(kmock: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
     declare_resources(kmock)
     write_kubeconfig(tmp_path / "kubeconfig", kmock.url)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    return kmock
+    # The tests' own requests (kubectl's part) go through a session of their own, one connection per
+    # request: kept-alive connections to kmock stop being answered once an operator has been stopped
+    # and started again in the same test.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(base_url=str(kmock.url), connector=connector) as http:
+        kmock.http = http
+        yield kmock
 
 
 def job(name: str = "job", **sections: Any) -> dict[str, Any]:
@@ -61,7 +80,7 @@ def status(cluster: Cluster, name: str = "job") -> dict[str, Any]:
 
 
 async def create(cluster: Cluster, manifest: dict[str, Any]) -> None:
-    async with cluster.post(JOBS_URL, json=manifest) as resp:
+    async with cluster.http.post(JOBS_URL, json=manifest) as resp:
         assert resp.status in (200, 201), await resp.text()
 
 
@@ -74,7 +93,7 @@ async def pod_phase(cluster: Cluster, name: str, phase: str, exit_code: int | No
             "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message}}}]
     elif phase == "Running":
         body["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-    async with cluster.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
+    async with cluster.http.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
         assert resp.status == 200, await resp.text()
 
 
@@ -84,7 +103,7 @@ async def run_pods(cluster: Cluster, job_name: str = "job") -> None:
 
 
 async def patch_job(cluster: Cluster, spec: dict[str, Any], name: str = "job") -> None:
-    async with cluster.patch(f"{JOBS_URL}/{name}", json={"spec": spec}, headers=MERGE) as resp:
+    async with cluster.http.patch(f"{JOBS_URL}/{name}", json={"spec": spec}, headers=MERGE) as resp:
         assert resp.status == 200, await resp.text()
 
 
@@ -170,7 +189,7 @@ async def test_deleted_worker_rejoins_and_counts(cluster: Cluster) -> None:
     async with running_operator():
         await started(cluster, job(runPolicy={"restartBackoffSeconds": 0}))
         before = uids(cluster)
-        async with cluster.delete(f"{PODS_URL}/job-worker-1") as resp:  # kmock: gone at once (a force delete)
+        async with cluster.http.delete(f"{PODS_URL}/job-worker-1") as resp:  # kmock: gone at once (a force delete)
             assert resp.status == 200
         await wait_until(lambda: uids(cluster).get("job-worker-1") not in (None, before["job-worker-1"]),
                          what="worker 1 recreated")
@@ -223,11 +242,11 @@ async def test_scale_subresource_adds_and_removes_workers(cluster: Cluster) -> N
         await started(cluster, job(workers={"nodes": 2, "minNodes": 1, "maxNodes": 3},
                                    training={"globalBatchSize": 12}))
         before = uids(cluster)
-        async with cluster.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 3}}, headers=MERGE) as resp:
+        async with cluster.http.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 3}}, headers=MERGE) as resp:
             assert resp.status == 200
         await wait_until(lambda: len(pods(cluster)) == 3, what="a third worker")
         await wait_until(lambda: status(cluster).get("workers", {}).get("desired") == 3, what="desired 3")
-        async with cluster.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 1}}, headers=MERGE) as resp:
+        async with cluster.http.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 1}}, headers=MERGE) as resp:
             assert resp.status == 200
         await wait_until(lambda: set(pods(cluster)) == {"job-worker-0"}, what="scaled down to 1")
         assert uids(cluster)["job-worker-0"] == before["job-worker-0"]  # scaling never restarts worker 0
@@ -272,20 +291,22 @@ async def test_garbage_does_not_stop_the_operator(cluster: Cluster) -> None:
 
 async def test_restart_mid_creation_converges_without_duplicates(cluster: Cluster) -> None:
     cluster.fail_pods_after = 2  # the API server starts failing pod creations after two
-    async with running_operator(kill=True):
+    async with running_operator():
         await create(cluster, job(workers={"nodes": 4}))
         await wait_until(lambda: cluster.pods_seen >= 3, what="creations failing mid-way")
         assert len(pods(cluster)) == 2
-    # The operator was killed between pod creations, before it wrote any status.
+    # The operator stopped between pod creations, before it wrote any status.
     assert not status(cluster).get("tracking", {}).get("launched")
+    first, seen = set(pods(cluster)), len(cluster._requests)
     cluster.fail_pods_after = None
     async with running_operator():
         await wait_until(lambda: len(pods(cluster)) == 4, what="4 pods")
         await run_pods(cluster)
         await wait_until(phase_is(cluster, "Running"), what="Running")
         assert status(cluster)["restarts"] == 0 and status(cluster)["workers"]["active"] == 4
-    stored = [r.data["metadata"]["name"] for r in cluster._requests if r.method == "POST" and r.url.path == PODS_URL]
-    assert stored.count("job-worker-0") == 1 and stored.count("job-worker-1") == 1  # the first two were adopted
+    posted = {r.data["metadata"]["name"] for r in cluster._requests[seen:]
+              if r.method == "POST" and r.url.path == PODS_URL}
+    assert posted == {f"job-worker-{i}" for i in range(4)} - first  # the pods that existed were adopted
     assert len(pods(cluster)) == 4
 
 
@@ -304,13 +325,13 @@ async def test_restart_keeps_counted_restarts(cluster: Cluster) -> None:
 async def test_deletion_stops_reconciling(cluster: Cluster) -> None:
     async with running_operator() as memo:
         await started(cluster, job())
-        async with cluster.delete(f"{JOBS_URL}/job") as resp:
+        async with cluster.http.delete(f"{JOBS_URL}/job") as resp:
             assert resp.status == 200
         await wait_until(lambda: obj(cluster, JOBS, "job") is None, what="the finalizer released")
         await wait_until(lambda: not memo.runtime.wakeups, what="the job's loops stopped")
         # kmock has no garbage collector: do what it does for the pods' ownerReferences.
         for name in pods(cluster):
-            async with cluster.delete(f"{PODS_URL}/{name}") as resp:
+            async with cluster.http.delete(f"{PODS_URL}/{name}") as resp:
                 assert resp.status == 200
         await asyncio.sleep(0.6)
         assert not pods(cluster)
@@ -319,8 +340,45 @@ async def test_deletion_stops_reconciling(cluster: Cluster) -> None:
 async def test_scale_to_a_size_the_batch_does_not_fit_is_rejected(cluster: Cluster) -> None:
     async with running_operator():
         await started(cluster, job(workers={"nodes": 2, "minNodes": 1, "maxNodes": 3}))  # 16 sequences
-        async with cluster.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 3}}, headers=MERGE) as resp:
+        async with cluster.http.patch(f"{JOBS_URL}/job/scale", json={"spec": {"replicas": 3}}, headers=MERGE) as resp:
             assert resp.status == 200
         await wait_until(lambda: any(e.startswith("ScaleRejected") for e in events(cluster)), what="ScaleRejected")
         assert status(cluster)["phase"] == "Running" and len(pods(cluster)) == 2
         assert status(cluster)["workers"]["desired"] == 2
+
+
+async def test_progress_is_read_from_worker0_and_a_stall_restarts_workers(cluster: Cluster) -> None:
+    progress: dict[str, Any] = {"step": 40, "maxSteps": 100, "loss": 3.5, "evalLoss": float("nan"),
+                                "tokensPerSecond": 5000.0, "mfu": 0.41, "etaSeconds": 12.0, "phase": "training",
+                                "checkpoint": {"step": 30, "uri": "/checkpoints/job/step-000000030",
+                                               "time": 1_700_000_000.0}, "updatedAt": 1_700_000_000.5}
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.json_response(progress)  # the trainer's /progress on global rank 0
+
+    app = web.Application()
+    app.router.add_get("/progress", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with running_operator():
+            await started(cluster, job(metrics={"port": port}, runPolicy={"stallTimeoutSeconds": 2,
+                                                                          "restartBackoffSeconds": 0}))
+            await wait_until(lambda: status(cluster).get("progress", {}).get("step") == 40, what="progress")
+            st = status(cluster)
+            assert st["progress"]["loss"] == 3.5 and st["progress"]["mfu"] == 0.41
+            assert "evalLoss" not in st["progress"]  # NaN is not JSON Kubernetes accepts
+            assert st["checkpoint"] == {"step": 30, "uri": "/checkpoints/job/step-000000030",
+                                        "time": "2023-11-14T22:13:20Z"}
+            before = uids(cluster)
+            # The step stays at 40: after stallTimeoutSeconds the workers are restarted.
+            await wait_until(lambda: status(cluster).get("restarts") == 1, what="a stall restart")
+            stalled = "RestartingAllWorkers: no training step for 2s (stuck at step 40)"
+            await wait_until(lambda: any(e.startswith(stalled) for e in events(cluster)), what="the stall event")
+            await wait_until(lambda: len(pods(cluster)) == 2 and not set(uids(cluster).values()) & set(
+                before.values()), what="workers relaunched")
+    finally:
+        await runner.cleanup()

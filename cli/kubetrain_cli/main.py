@@ -13,6 +13,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
     from pathlib import Path
 
     from kubetrain_trainer import data as datamod
@@ -26,13 +28,73 @@ def _prepare(args: argparse.Namespace) -> int:
     else:
         tokenizer = train_bpe(datamod.iter_training_texts(files, args.text_field, split, 500_000_000),
                               args.train_tokenizer)
-    stats = datamod.prepare(files, tokenizer, Path(args.output), validation_files=val_files,
+    remote = args.output.startswith("s3://")  # prepare locally, then upload (endpoint: AWS_ENDPOINT_URL_S3)
+    local = Path(tempfile.mkdtemp(prefix="kubetrain-prepare-")) / "data" if remote else Path(args.output)
+    stats = datamod.prepare(files, tokenizer, local, validation_files=val_files,
                             validation_split=split or 0.0, text_field=args.text_field,
                             min_document_chars=args.min_document_chars)
+    if remote:
+        from kubetrain_trainer.config import S3Spec
+
+        datamod.upload_prepared(local, args.output, S3Spec())
+        shutil.rmtree(local.parent, ignore_errors=True)
     print(f"wrote {args.output}: {stats.documents['train']} train / {stats.documents['validation']} validation "
           f"documents, {stats.tokens['train']:,} / {stats.tokens['validation']:,} tokens; dropped "
           f"{stats.documents_dropped_small} tiny and {stats.documents_duplicate} duplicate documents")
     return 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kubetrain_operator.crd import crd_yaml
+
+    text = crd_yaml()
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    for path in args.write:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+    from kubetrain_operator.render import JobRef, render_objects
+    from kubetrain_operator.spec import ManifestError, load_manifest
+    from kubetrain_operator.validate import validate_job
+
+    job = load_manifest(args.manifest)
+    checked = validate_job(job.metadata.name, job.spec.to_wire())
+    if checked.spec is None or checked.error is not None:
+        raise ManifestError(f"{args.manifest}: the operator would fail this job (InvalidSpec)\n{checked.error}")
+    for warning in checked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    extra = job.metadata.model_extra or {}
+    labels: dict[str, str] = extra["labels"] if isinstance(extra.get("labels"), dict) else {}
+    uid: str = extra["uid"] if isinstance(extra.get("uid"), str) else "00000000-0000-0000-0000-000000000000"
+    ref = JobRef(job.metadata.name, args.namespace or job.metadata.namespace or "default", uid, labels)
+    sys.stdout.write(f"# What the kubetrain operator creates for LLMTrainingJob {ref.namespace}/{ref.name}"
+                     f" (uid {uid}).\n")
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:  # the trainer config reads as JSON
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    sys.stdout.write(yaml.dump_all(render_objects(ref, checked.spec), Dumper=Dumper, sort_keys=False, width=120))
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from kubetrain_operator.runner import main as run_operator
+
+    if not args.namespace and not args.all_namespaces:
+        raise SystemExit("kubetrain operator: give --namespace NS (repeatable) or --all-namespaces")
+    return run_operator(args.namespace, args.all_namespaces, args.liveness_port, args.metrics_port, args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-document-chars", type=int, default=32)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("crd", help="print the LLMTrainingJob CustomResourceDefinition (generated from the models)")
+    p.add_argument("--write", action="append", metavar="PATH", help="write it to PATH instead (repeatable)")
+    p.set_defaults(func=_crd)
+
+    p = sub.add_parser("render", help="print the objects the operator would create for a manifest")
+    p.add_argument("manifest", help="LLMTrainingJob YAML file")
+    p.add_argument("--namespace", help="namespace (default: metadata.namespace, else default)")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+    p.add_argument("--liveness-port", type=int, default=8080, help="Kopf liveness endpoint /healthz (0: off)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics of the operator")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_operator)
     return parser
 
 

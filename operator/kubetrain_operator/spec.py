@@ -68,8 +68,8 @@ class RunPolicy(Section):
 
 class JobSpec(TrainerConfig):
     image: str | None = Field(None, description="Trainer image (clusters only).")
-    workers: WorkersSpec = Field(default_factory=WorkersSpec)  # type: ignore[arg-type]
-    run_policy: RunPolicy = Field(default_factory=RunPolicy)  # type: ignore[arg-type]
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
 
     def trainer_config(self) -> TrainerConfig:
         """The trainer's own sections (what each pod's trainer is given)."""

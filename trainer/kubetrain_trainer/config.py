@@ -194,8 +194,8 @@ class CheckpointSpec(Section):
     async_save: bool = Field(
         True, description="Training resumes once state is copied to host memory; the write runs behind it.")
     preemption_grace_seconds: float = Field(
-        25.0, gt=0, le=28, description="On SIGTERM, commit a checkpoint within this long or leave the previous "
-        "one. At most 28: torchrun's agent kills its workers 30 s after forwarding SIGTERM.")
+        25.0, gt=0, le=3600, description="On SIGTERM, commit a checkpoint within this long or leave the previous "
+        "one (torchrun is given a longer shutdown timeout; pods a longer termination grace period).")
     max_consecutive_failures: int = Field(
         3, ge=1, description="Failed saves in a row that stop the job (single failures are reported, not fatal).")
 

@@ -169,7 +169,8 @@ def launch(cfg: TrainerConfig, output: Path, nproc: int, progress: Progress) -> 
     if "OMP_NUM_THREADS" not in env:  # split the cores between the processes instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "kubetrain_trainer.train", "--config", str(config_path), "--output", str(output)]
+           "--max-restarts=0", f"--shutdown-timeout={int(cfg.checkpoint.preemption_grace_seconds) + 10}",
+           "-m", "kubetrain_trainer.train", "--config", str(config_path), "--output", str(output)]
     with (output / "train.log").open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

@@ -1,0 +1,283 @@
+"""Per-job loops that run inside Kopf daemons: observe → plan (pure) → act, and poll /progress.
+
+One reconcile loop per job coalesces every pod and job change into one status patch from a fresh
+view (no stale copies racing), and is the only writer of the fields it owns; the progress loop
+only writes status.progress and status.checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from .kube import Kube
+from .metrics import OperatorMetrics
+from .pods import ObservedPod, observe_pod
+from .progress import fetch_progress, progress_patch
+from .reconcile import OWNED, JobView, Plan, PlannerConfig, apply_merge_patch, plan
+from .render import JobRef, render_configmap, render_pod, render_service
+from .spec import JobSpec
+from .status import RESTARTING, RUNNING
+from .validate import validate_job
+
+JobKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    resync_seconds: float = 30.0  # reconcile at least this often even without changes
+    progress_interval_seconds: float = 15.0
+    progress_timeout_seconds: float = 3.0
+    expectation_seconds: float = 30.0  # how long our own creates/deletes are assumed before the watch shows them
+    error_backoff_seconds: float = 2.0
+    api_concurrency: int = 64
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        """KUBETRAIN_OPERATOR_<FIELD> (upper case) overrides, e.g. KUBETRAIN_OPERATOR_RESYNC_SECONDS=10."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"KUBETRAIN_OPERATOR_{f.name.upper()}")
+            if raw is not None and f.name != "planner":
+                values[f.name] = type(getattr(cls(), f.name))(raw)
+        grace = env.get("KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS")
+        if grace is not None:
+            values["planner"] = PlannerConfig(below_min_grace_seconds=float(grace))
+        return cls(**values)
+
+
+class Flag(Protocol):
+    """Kopf's DaemonStopped (what the loops need of it)."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
+
+
+class Runtime:
+    """What the handlers share: configuration, the API client, metrics, and per-job wake-ups."""
+
+    def __init__(self, config: OperatorConfig, kube: Kube, session: aiohttp.ClientSession):
+        self.config, self.kube, self.session = config, kube, session
+        self.wakeups: dict[JobKey, asyncio.Event] = {}
+        self.phases: dict[JobKey, str] = {}
+        self.metrics = OperatorMetrics(lambda: dict(self.phases))
+
+    @classmethod
+    async def start(cls, config: OperatorConfig) -> Runtime:
+        kube = await Kube.connect(config.api_concurrency)
+        return cls(config, kube, aiohttp.ClientSession())
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.kube.close()
+
+    def wake(self, namespace: str | None, name: str | None) -> None:
+        event = self.wakeups.get((namespace or "", name or ""))
+        if event is not None:
+            event.set()
+
+
+class Expectations:
+    """Our own recent writes, until the watch (Kopf's index) shows them: pods we created count as
+    present and pods we deleted as terminating, so a reconcile right after another does not act twice."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.created: dict[str, tuple[ObservedPod, float]] = {}
+        self.deleted: dict[str, float] = {}
+
+    def merge(self, observed: Iterable[ObservedPod], now: float) -> list[ObservedPod]:
+        pods = {p.name: p for p in observed}
+        for name, (pod, since) in list(self.created.items()):
+            seen = pods.get(name)
+            if (seen is not None and seen.uid == pod.uid) or now - since > self.ttl:
+                del self.created[name]
+            elif seen is None:
+                pods[name] = pod
+        uids = {p.uid for p in pods.values()}
+        for uid, since in list(self.deleted.items()):
+            if uid not in uids or now - since > self.ttl:
+                del self.deleted[uid]
+        return [dataclasses.replace(p, terminating=True) if p.uid in self.deleted and not p.terminating else p
+                for p in pods.values()]
+
+
+def job_view(body: Mapping[str, Any]) -> JobView:
+    meta = body.get("metadata") or {}
+    labels: dict[str, str] = meta["labels"] if isinstance(meta.get("labels"), dict) else {}
+    ref = JobRef(str(meta.get("name")), str(meta.get("namespace") or "default"),
+                 str(meta.get("uid") or ""), dict(labels))
+    checked = validate_job(ref.name, body.get("spec"))
+    generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+    return JobView(ref, checked.spec, checked.error, checked.warnings, generation, checked.size_only)
+
+
+def owned(status: Any) -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in (status or {}).items() if k in OWNED}
+
+
+class Reconciler:
+    def __init__(self, rt: Runtime, body: Any, index: Any, logger: logging.Logger | logging.LoggerAdapter[Any]):
+        self.rt, self.body, self.index, self.logger = rt, body, index, logger
+        meta = body.get("metadata") or {}
+        self.key: JobKey = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        self.own = owned(body.get("status"))
+        self.expect = Expectations(rt.config.expectation_seconds)
+        self.objects_ensured = False
+
+    def observed(self) -> list[ObservedPod]:
+        store = self.index.get(self.key, []) if self.index is not None else []
+        return self.expect.merge(list(store), time.time())
+
+    async def once(self) -> float:
+        """One reconcile; returns how long to wait at most before the next."""
+        started = time.perf_counter()
+        snapshot = copy.deepcopy(dict(self.body))
+        view = job_view(snapshot)
+        status = {**(snapshot.get("status") or {}), **self.own}
+        for key in OWNED:  # fields we removed stay removed even if the watch has not caught up
+            if key not in self.own and self.own:
+                status.pop(key, None)
+        now = time.time()
+        p = plan(view, status, self.observed(), now, self.rt.config.planner)
+        await self.execute(view, p, now)
+        self.rt.phases[self.key] = p.phase
+        self.rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        return min(p.requeue_after if p.requeue_after is not None else self.rt.config.resync_seconds,
+                   self.rt.config.resync_seconds)
+
+    async def execute(self, view: JobView, p: Plan, now: float) -> None:
+        ns, name = self.key
+        kube, metrics = self.rt.kube, self.rt.metrics
+        # Creates first (a crash after them is adopted), then the status that records restarts and
+        # replaced pods' uids, then the deletions (a crash before them is redone, never double-counted).
+        if p.create and view.spec is not None:
+            await self.ensure_objects(view.ref, view.spec, p.launch)
+            results = await asyncio.gather(*(kube.create(render_pod(view.ref, view.spec, i)) for i in p.create))
+            for result in results:
+                created = observe_pod(result) if result is not None else None
+                if created is not None:
+                    self.expect.created[created.name] = (created, now)
+                    metrics.pods_created.inc()
+        if p.status_patch:
+            await kube.patch_job_status(ns, name, p.status_patch)
+            self.own = owned(apply_merge_patch(self.own or owned(self.body.get("status")), p.status_patch))
+        for reason in p.restarts:
+            metrics.restarts.labels(reason=reason).inc()
+        for kind, reason, message in ((e.type, e.reason, e.message) for e in p.events):
+            self.post_event(kind, reason, message)
+        if p.delete:
+            await asyncio.gather(*(self.delete_pod(d.name, d.uid, d.force, now) for d in p.delete))
+        if p.delete_job:
+            self.logger.info("ttlSecondsAfterFinished passed: deleting the LLMTrainingJob")
+            await kube.delete_job(ns, name)
+
+    async def delete_pod(self, pod: str, uid: str, force: bool, now: float) -> None:
+        if await self.rt.kube.delete_pod(self.key[0], pod, 0 if force else None):
+            self.rt.metrics.pods_deleted.inc()
+        self.expect.deleted[uid] = now
+
+    async def ensure_objects(self, ref: JobRef, spec: JobSpec, launch: bool) -> None:
+        """The Service and the ConfigMap; at a (re)launch of all workers the ConfigMap is brought up to the
+        spec (between launches it stays as the running workers read it)."""
+        if self.objects_ensured and not launch:
+            return
+        kube = self.rt.kube
+        await kube.create(render_service(ref, spec))
+        config = render_configmap(ref, spec)
+        if await kube.create(config) is None and launch:
+            await kube.patch_configmap(ref.namespace, config["metadata"]["name"],
+                                       {"metadata": {"annotations": config["metadata"]["annotations"]},
+                                        "data": config["data"]})
+        self.objects_ensured = True
+
+    def post_event(self, kind: str, reason: str, message: str) -> None:
+        log = self.logger.warning if kind == "Warning" else self.logger.info
+        log("%s: %s", reason, message)
+        try:
+            import kopf
+
+            kopf.event(self.body, type=kind, reason=reason, message=message[:1024])
+        except LookupError:  # outside a Kopf handler context (unit tests): logging is all there is
+            pass
+
+
+async def _wait(stopped: Flag, wake: asyncio.Event, timeout: float) -> None:
+    tasks = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait(timeout))]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
+                         logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    reconciler = Reconciler(rt, body, index, logger)
+    wake = rt.wakeups[reconciler.key] = asyncio.Event()
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                delay = await reconciler.once()
+            except Exception as exc:  # an API error or a bug must not end the loop: retry
+                rt.metrics.errors.labels(kind="reconcile").inc()
+                logger.warning("reconcile failed (retrying in %.1fs): %r", rt.config.error_backoff_seconds, exc)
+                delay = rt.config.error_backoff_seconds
+            await _wait(stopped, wake, max(0.0, delay))
+    finally:
+        if rt.wakeups.get(reconciler.key) is wake:
+            del rt.wakeups[reconciler.key]
+        rt.phases.pop(reconciler.key, None)
+
+
+async def progress_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
+                        logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    meta = body.get("metadata") or {}
+    key: JobKey = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    answered: str | None = None  # the pod that served /progress last (global rank 0)
+    while not stopped:
+        try:
+            answered = await poll_progress(rt, body, index, key, answered)
+        except Exception as exc:
+            rt.metrics.errors.labels(kind="progress").inc()
+            logger.warning("progress update failed: %r", exc)
+        await stopped.wait(rt.config.progress_interval_seconds)
+
+
+async def poll_progress(rt: Runtime, body: Any, index: Any, key: JobKey, answered: str | None) -> str | None:
+    status = body.get("status") or {}
+    if status.get("phase") not in (RUNNING, RESTARTING):
+        return answered
+    spec = validate_job(key[1], body.get("spec")).spec  # (a size-only error still has a readable spec)
+    if spec is None or not spec.metrics.port:
+        return answered
+    pods = [p for p in (index.get(key, []) if index is not None else [])
+            if p.ip and p.phase == "Running" and not p.terminating]
+    pods.sort(key=lambda p: (p.name != answered, p.index))  # worker 0 first, or whoever answered before
+    for pod in pods:
+        host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
+        data = await fetch_progress(rt.session, f"http://{host}:{spec.metrics.port}/progress",
+                                    rt.config.progress_timeout_seconds)
+        if data is None:
+            continue
+        rt.metrics.progress_reads.labels(result="ok").inc()
+        patch = progress_patch(status, data, time.time())
+        if patch:
+            await rt.kube.patch_job_status(key[0], key[1], patch)
+        return pod.name
+    rt.metrics.progress_reads.labels(result="unanswered").inc()
+    return answered

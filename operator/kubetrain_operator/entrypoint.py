@@ -1,0 +1,87 @@
+"""A worker pod's main process: runs torchrun, forwards SIGTERM to it, and exits with the trainer's code.
+
+torchrun exits 1 whatever its workers returned, so the operator could not tell a configuration error
+(exit 2, never retried) from a crash. The trainer records its error and exit code in
+`<output>/events.jsonl` (on the node of global rank 0); this wrapper reads it, exits with that code
+and writes the message to /dev/termination-log, where the operator reads it into the job's status.
+
+    python -m kubetrain_operator.entrypoint --output DIR -- torchrun ... -m kubetrain_trainer.train ...
+
+Standard library only: it runs in the trainer image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_PREEMPTED = 143
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: bool) -> tuple[int, str | None]:
+    """The exit code and message to report, from the trainer's events written since `offset`."""
+    last: dict[str, Any] | None = None
+    try:
+        with events.open("rb") as f:
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("type") in ("error", "preempted"):
+                    last = event
+    except OSError:
+        last = None
+    if torchrun_code == 0:
+        return 0, None
+    if last is not None and last.get("type") == "preempted":
+        return EXIT_PREEMPTED, f"preempted: checkpoint at step {last.get('step')} committed"
+    if last is not None:
+        code = last.get("exitCode")
+        code = code if isinstance(code, int) and 0 < code < 256 else torchrun_code
+        return code, str(last.get("message") or "")[:3500] or None
+    if terminated:  # SIGTERM reached us (deletion, preemption) and the trainer did not say more
+        return EXIT_PREEMPTED, "terminated by SIGTERM"
+    return (torchrun_code if 0 < torchrun_code < 256 else 1), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetrain_operator.entrypoint")
+    parser.add_argument("--output", required=True, help="the trainer's --output directory")
+    parser.add_argument("--termination-log", default=str(TERMINATION_LOG))
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- torchrun ...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --")
+    events = Path(args.output) / "events.jsonl"
+    offset = events.stat().st_size if events.exists() else 0
+    proc = subprocess.Popen(command)
+    terminated = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal terminated
+        terminated = True
+        proc.send_signal(signum)  # torchrun passes it to the workers and waits for their checkpoint
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    final, message = trainer_outcome(events, offset, code, terminated)
+    if message:
+        with contextlib.suppress(OSError):  # not in a pod
+            Path(args.termination_log).write_text(message)
+        print(f"kubetrain: {message}", file=sys.stderr, flush=True)
+    return final
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Kopf handlers: thin, one concept each; the work is in controller.py (loops) and reconcile.py (logic).
+
+Run with `kubetrain operator` (or `kopf run -m kubetrain_operator.handlers`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from .controller import OperatorConfig, Runtime, progress_loop, reconcile_loop
+from .pods import ObservedPod, observe_pod
+from .render import LABEL_JOB
+from .spec import GROUP, PLURAL, VERSION
+
+JOBS = (GROUP, VERSION, PLURAL)
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Kopf's settings for this operator (also used by tests that run it in-process)."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.reporting_component = "kubetrain-operator"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300  # re-list every few minutes: level-triggered even if a watch drops
+    settings.execution.max_workers = 4
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    configure(settings)
+    config = getattr(memo, "config", None) or OperatorConfig.from_env()
+    memo.runtime = await Runtime.start(config)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account in a cluster, else $KUBECONFIG (read afresh at every start)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.cleanup()
+async def stop(memo: Any, **_: Any) -> None:
+    runtime = getattr(memo, "runtime", None)
+    if runtime is not None:
+        await runtime.close()
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def worker_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, ObservedPod]:
+    """Worker pods by (namespace, job name): what every reconcile observes, kept current by the watch."""
+    pod = observe_pod(dict(body))
+    return {} if pod is None else {(namespace, labels[LABEL_JOB]): pod}
+
+
+@kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
+def worker_changed(namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    memo.runtime.wake(namespace, labels.get(LABEL_JOB))
+
+
+@kopf.on.event(*JOBS)
+def job_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    memo.runtime.wake(namespace, name)
+
+
+@kopf.daemon(*JOBS, id="reconcile", cancellation_timeout=10)
+async def reconcile(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Any, logger: Logger, **kwargs: Any) -> None:
+    """Keeps the job's pods and status in line with its spec, for as long as the job exists."""
+    await reconcile_loop(memo.runtime, body, stopped, kwargs["worker_pods"], logger)
+
+
+@kopf.daemon(*JOBS, id="progress", cancellation_timeout=10)
+async def progress(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Any, logger: Logger, **kwargs: Any) -> None:
+    """Copies worker 0's /progress into status.progress and status.checkpoint (worker_pods: the index)."""
+    await progress_loop(memo.runtime, body, stopped, kwargs["worker_pods"], logger)
+
+
+@kopf.on.probe(id="jobs")
+def jobs_handled(memo: Any, **_: Any) -> int:
+    runtime = getattr(memo, "runtime", None)
+    return len(runtime.wakeups) if runtime is not None else 0

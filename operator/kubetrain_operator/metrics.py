@@ -1,0 +1,73 @@
+"""The operator's own Prometheus metrics, and the small HTTP server that serves them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .status import PHASES
+
+
+class _PhaseCollector(Collector):
+    def __init__(self, phases: Callable[[], dict[object, str]]):
+        self._phases = phases
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("kubetrain_operator_jobs", "LLMTrainingJobs handled, by phase", labels=["phase"])
+        counts = dict.fromkeys(PHASES, 0)
+        for phase in self._phases().values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in counts.items():
+            family.add_metric([phase], n)
+        yield family
+
+
+class OperatorMetrics:
+    def __init__(self, phases: Callable[[], dict[object, str]]):
+        r = self.registry = CollectorRegistry()
+        self.reconcile_seconds = Histogram(
+            "kubetrain_operator_reconcile_duration_seconds", "Time to plan and apply one reconcile of a job",
+            registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.pods_created = Counter("kubetrain_operator_pods_created", "Worker pods created", registry=r)
+        self.pods_deleted = Counter("kubetrain_operator_pods_deleted", "Worker pods deleted", registry=r)
+        self.restarts = Counter("kubetrain_operator_restarts", "Worker restarts counted, by reason", ["reason"],
+                                registry=r)
+        self.errors = Counter("kubetrain_operator_errors", "Failed reconciles and progress reads, by kind",
+                              ["kind"], registry=r)
+        self.progress_reads = Counter("kubetrain_operator_progress_reads", "Reads of worker 0's /progress",
+                                      ["result"], registry=r)
+        r.register(_PhaseCollector(phases))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(exposition: Callable[[], bytes], port: int, host: str = "0.0.0.0",
+                healthy: Callable[[], bool] = lambda: True) -> web.AppRunner:
+    """/metrics (what `exposition` returns) and /healthz on `port` (0: a free port, see bound_port)."""
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def get_health(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n" if healthy() else "unhealthy\n", status=200 if healthy() else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", get_health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        for sock in getattr(server, "sockets", None) or []:
+            return int(sock.getsockname()[1])
+    raise RuntimeError("the metrics server is not listening")

@@ -1,0 +1,147 @@
+"""What the operator observes of a worker pod, and how a pod's end is classified (pure functions)."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from kubetrain_trainer.errors import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
+
+from .render import CONTAINER, LABEL_INDEX
+from .timeutil import parse_time
+
+ALIVE_PHASES = ("Pending", "Running", "Unknown")
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    name: str
+    index: int
+    uid: str
+    phase: str = "Pending"
+    terminating: bool = False
+    deletion_time: float | None = None
+    exit_code: int | None = None
+    container_reason: str | None = None  # terminated.reason: Error, OOMKilled, Completed...
+    termination_message: str | None = None
+    pod_reason: str | None = None  # status.reason: Evicted, NodeLost, Shutdown...
+    pod_message: str | None = None
+    ready: bool = False
+    ip: str | None = None
+    waiting: str | None = None  # why it is not running yet: unschedulable, image pull...
+
+    @property
+    def alive(self) -> bool:
+        """Counts toward the job's size: pending, running or finished well, and not going away."""
+        return not self.terminating and self.phase in (*ALIVE_PHASES, "Succeeded")
+
+    @property
+    def ended_badly(self) -> bool:
+        return self.phase == "Failed" or (self.terminating and self.phase != "Succeeded")
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def replica_index(labels: Any) -> int | None:
+    raw = labels.get(LABEL_INDEX) if isinstance(labels, dict) else None
+    return int(raw) if isinstance(raw, str) and raw.isdigit() else None
+
+
+def observe_pod(body: Any) -> ObservedPod | None:
+    """The facts the planner needs from a pod body; None when it is not a worker pod we can place."""
+    if not isinstance(body, dict):
+        return None
+    meta, status = _map(body.get("metadata")), _map(body.get("status"))
+    index = replica_index(meta.get("labels"))
+    name = _str(meta.get("name"))
+    if index is None or name is None:
+        return None
+    # A real API server always sets a uid; without one, name + creation time still tell pods apart.
+    uid = _str(meta.get("uid")) or f"{name}@{meta.get('creationTimestamp') or ''}"
+    exit_code = reason = message = waiting = None
+    for cs in _list(status.get("containerStatuses")):
+        if not isinstance(cs, dict) or cs.get("name") != CONTAINER:
+            continue
+        state = _map(cs.get("state"))
+        term = _map(state.get("terminated"))
+        if term:
+            exit_code, reason, message = _int(term.get("exitCode")), _str(term.get("reason")), _str(term.get("message"))
+        wait = _map(state.get("waiting"))
+        if wait and _str(wait.get("reason")) not in (None, "ContainerCreating", "PodInitializing"):
+            waiting = f"{wait.get('reason')}: {wait.get('message') or ''}".rstrip(": ")
+    ready = False
+    for cond in _list(status.get("conditions")):
+        if not isinstance(cond, dict):
+            continue
+        if cond.get("type") == "Ready":
+            ready = cond.get("status") == "True"
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and waiting is None:
+            waiting = f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
+    deletion = meta.get("deletionTimestamp")
+    phase = _str(status.get("phase")) or "Pending"
+    return ObservedPod(
+        name=name, index=index, uid=uid, phase=phase,
+        terminating=deletion is not None, deletion_time=parse_time(deletion),
+        exit_code=exit_code, container_reason=reason, termination_message=message,
+        pod_reason=_str(status.get("reason")), pod_message=_str(status.get("message")),
+        ready=ready and phase == "Running", ip=_str(status.get("podIP")), waiting=waiting,
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    reason: str  # CamelCase, used in events, conditions and the restarts-by-reason metric
+    retryable: bool
+    message: str
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code - 128).name
+    except ValueError:
+        return f"signal {code - 128}"
+
+
+def classify(pod: ObservedPod) -> Outcome:
+    """Why a worker pod ended (or is going away), and whether restarting it can help."""
+    code = pod.exit_code
+    detail = f": {pod.termination_message.strip()[-400:]}" if pod.termination_message else ""
+    if pod.phase == "Succeeded":
+        return Outcome("Completed", False, f"{pod.name} exited 0")
+    if pod.phase != "Failed":
+        return Outcome("Deleted", True, f"{pod.name} is being deleted (eviction, drain, node loss or kubectl "
+                                        f"delete)")
+    if code == EXIT_CONFIG:
+        return Outcome("ConfigError", False, f"{pod.name}: the trainer rejected its configuration (exit 2)"
+                                             f"{detail}")
+    if code == EXIT_NON_FINITE:
+        return Outcome("NonFiniteLoss", False, f"{pod.name}: the loss or gradients became NaN/inf (exit 3)"
+                                               f"{detail}")
+    if code == EXIT_PREEMPTED:
+        return Outcome("Preempted", True, f"{pod.name} was stopped (SIGTERM) after committing a checkpoint "
+                                          f"(exit 143)")
+    if pod.container_reason == "OOMKilled":
+        return Outcome("OOMKilled", True, f"{pod.name} ran out of memory (OOMKilled, exit {code})")
+    if pod.pod_reason:  # Evicted, NodeLost, Shutdown, UnexpectedAdmissionError...
+        message = f": {pod.pod_message}" if pod.pod_message else ""
+        return Outcome(pod.pod_reason, True, f"{pod.name} failed ({pod.pod_reason}){message}")
+    if code is not None and code > 128:
+        return Outcome("Signal", True, f"{pod.name} was killed by {_signal_name(code)} (exit {code})")
+    if code is not None:
+        return Outcome("Error", True, f"{pod.name} exited {code}{detail}")
+    return Outcome("Error", True, f"{pod.name} failed without an exit code")

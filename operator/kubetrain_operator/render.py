@@ -1,0 +1,212 @@
+"""Spec → Kubernetes objects: the headless Service, the trainer-config ConfigMap and the worker Pods.
+
+Pure functions; the operator and `kubetrain render` both call `render_objects`/`render_pod`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import API_VERSION, KIND, JobSpec
+from .validate import POD_TEMPLATE_POD
+
+DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
+RDZV_PORT = 29400
+CONFIG_DIR = "/etc/kubetrain"
+CONFIG_FILE = "config.json"
+OUTPUT_DIR = "/var/run/kubetrain/output"
+CONTAINER = "trainer"
+# SIGTERM → the trainer finishes its step and commits a checkpoint; torchrun waits this long for it.
+DEFAULT_GRACE_SECONDS = 900
+GRACE_MARGIN_SECONDS = 30
+
+LABEL_JOB = "kubetrain.io/job-name"
+LABEL_INDEX = "kubetrain.io/replica-index"
+LABEL_ROLE = "kubetrain.io/role"
+ANNOTATION_CONFIG_HASH = "kubetrain.io/config-hash"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"
+KUEUE_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+MANAGED_BY = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/managed-by": "kubetrain-operator"}
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The identity of an LLMTrainingJob: enough to name and own its objects."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+def service_name(job: JobRef) -> str:
+    return job.name
+
+
+def config_name(job: JobRef) -> str:
+    return f"{job.name}-config"
+
+
+def pod_name(job: JobRef, index: int) -> str:
+    return f"{job.name}-worker-{index}"
+
+
+def selector(job: JobRef) -> str:
+    return f"{LABEL_JOB}={job.name}"
+
+
+def rdzv_endpoint(job: JobRef) -> str:
+    return f"{pod_name(job, 0)}.{service_name(job)}.{job.namespace}.svc:{RDZV_PORT}"
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": job.namespace,
+            "labels": {**MANAGED_BY, LABEL_JOB: job.name, **(labels or {})},
+            "ownerReferences": [owner_reference(job)]}
+
+
+def trainer_config_json(spec: JobSpec) -> str:
+    return json.dumps(spec.trainer_config().to_wire(), indent=2, sort_keys=True) + "\n"
+
+
+def config_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(trainer_config_json(spec).encode()).hexdigest()[:16]
+
+
+def render_service(job: JobRef, spec: JobSpec) -> dict[str, Any]:
+    ports = [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}]
+    if spec.metrics.port:
+        ports.append({"name": "metrics", "port": spec.metrics.port, "targetPort": spec.metrics.port})
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(job, service_name(job)),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {LABEL_JOB: job.name},
+                 "ports": ports},
+    }
+
+
+def render_configmap(job: JobRef, spec: JobSpec) -> dict[str, Any]:
+    meta = _metadata(job, config_name(job))
+    meta["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(spec)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {CONFIG_FILE: trainer_config_json(spec)}}
+
+
+def grace_seconds(spec: JobSpec) -> int:
+    value = spec.workers.pod_template.get("terminationGracePeriodSeconds")
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_GRACE_SECONDS
+
+
+def torchrun_args(job: JobRef, spec: JobSpec) -> list[str]:
+    low, high = spec.workers.elastic_range
+    return [
+        "torchrun", f"--nnodes={low}:{high}", f"--nproc-per-node={spec.workers.proc_per_node}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint(job)}", f"--rdzv-id={job.uid}",
+        f"--max-restarts={spec.run_policy.max_restarts}",
+        "-m", "kubetrain_trainer.train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", OUTPUT_DIR,
+    ]
+
+
+def container_command(job: JobRef, spec: JobSpec) -> list[str]:
+    """torchrun under a small wrapper that forwards SIGTERM and reports the trainer's own exit code
+    (torchrun itself exits 1 whatever its workers returned); see kubetrain_operator.entrypoint."""
+    return ["python", "-m", "kubetrain_operator.entrypoint", "--output", OUTPUT_DIR, "--",
+            *torchrun_args(job, spec)]
+
+
+def _s3_secret(spec: JobSpec) -> str | None:
+    s3 = getattr(spec, "s3", None)
+    secret = getattr(s3, "credentials_secret", None)
+    return secret if isinstance(secret, str) and secret else None
+
+
+def _merge_env(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = {e.get("name") for e in theirs}
+    return [e for e in ours if e["name"] not in names] + copy.deepcopy(theirs)
+
+
+def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
+    template = spec.workers.pod_template
+    grace = grace_seconds(spec)
+    labels = {LABEL_INDEX: str(index), LABEL_ROLE: "worker"}
+    annotations = {ANNOTATION_CONFIG_HASH: config_hash(spec)}
+    if KUEUE_QUEUE in job.labels:  # Kueue admits the workers as one pod group (gang)
+        labels.update({KUEUE_QUEUE: job.labels[KUEUE_QUEUE], KUEUE_GROUP: job.name})
+        annotations[KUEUE_GROUP_COUNT] = str(spec.workers.nodes)
+    meta = _metadata(job, pod_name(job, index), labels)
+    meta["labels"] = {**template.get("labels", {}), **meta["labels"]}
+    meta["annotations"] = {**template.get("annotations", {}), **annotations}
+
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETRAIN_JOB_NAME", "value": job.name},
+        {"name": "KUBETRAIN_REPLICA_INDEX", "value": str(index)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(1, grace - GRACE_MARGIN_SECONDS))},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env_from: list[dict[str, Any]] = []
+    secret = _s3_secret(spec)
+    if secret:
+        env_from.append({"secretRef": {"name": secret}})
+    mounts: list[dict[str, Any]] = [
+        {"name": "kubetrain-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "kubetrain-output", "mountPath": OUTPUT_DIR},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "kubetrain-config", "configMap": {"name": config_name(job)}},
+        {"name": "kubetrain-output", "emptyDir": {}},
+    ]
+    user_mounts = template.get("volumeMounts", [])
+    if not any(m.get("mountPath") == "/dev/shm" for m in user_mounts):  # NCCL and data loaders need shm
+        mounts.append({"name": "kubetrain-shm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "kubetrain-shm", "emptyDir": {"medium": "Memory"}})
+    ports = [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or DEFAULT_IMAGE,
+        "command": container_command(job, spec),
+        "env": _merge_env(env, template.get("env", [])),
+        "volumeMounts": mounts + copy.deepcopy(user_mounts),
+        "ports": ports,
+        "resources": copy.deepcopy(spec.workers.resources),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if env_from or template.get("envFrom"):
+        container["envFrom"] = env_from + copy.deepcopy(template.get("envFrom", []))
+    if spec.metrics.port:
+        ports.append({"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"})
+        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": spec.metrics.port},
+                                       "periodSeconds": 10, "failureThreshold": 3}
+    if "imagePullPolicy" in template:
+        container["imagePullPolicy"] = template["imagePullPolicy"]
+    if "containerSecurityContext" in template:
+        container["securityContext"] = copy.deepcopy(template["containerSecurityContext"])
+    pod_spec: dict[str, Any] = {
+        "hostname": pod_name(job, index),
+        "subdomain": service_name(job),
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": grace,
+        "containers": [container],
+        "volumes": volumes + copy.deepcopy(template.get("volumes", [])),
+    }
+    for key in POD_TEMPLATE_POD:
+        if key in template and key not in ("volumes", "terminationGracePeriodSeconds"):
+            pod_spec[key] = copy.deepcopy(template[key])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def render_objects(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:
+    """Everything the operator creates for a job at its desired size, in creation order."""
+    return [render_service(job, spec), render_configmap(job, spec),
+            *(render_pod(job, spec, i) for i in range(spec.workers.nodes))]
