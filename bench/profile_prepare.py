@@ -1,0 +1,115 @@
+"""Where kubetrain_trainer.data.prepare spends its time: cProfile of the main thread plus timing of
+every tokenizer call (which runs in prepare's worker thread, outside cProfile's view).
+
+    .venv/bin/python bench/profile_prepare.py [--input corpus://shakespeare] [--tokenizer DIR] [--top 12]
+
+Prints the wall time, the tokenizer's busy time and the time before the first / after the last
+tokenizer call (the serial parts no overlap can hide), then the main thread's heaviest functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+class TimedBackend:
+    """Forwards to the Rust tokenizer; records (start, end, documents) of every batch encode."""
+
+    def __init__(self, backend: Any, calls: list[tuple[float, float, int]]):
+        self._backend, self._calls = backend, calls
+
+    def _timed(self, name: str, batch: list[str], **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = getattr(self._backend, name)(batch, **kw)
+        self._calls.append((t0, time.perf_counter(), len(batch)))
+        return out
+
+    def encode_batch_fast(self, batch: list[str], **kw: Any) -> Any:
+        return self._timed("encode_batch_fast", batch, **kw)
+
+    def encode_batch(self, batch: list[str], **kw: Any) -> Any:
+        return self._timed("encode_batch", batch, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+class TimedTokenizer:
+    def __init__(self, tok: Any, calls: list[tuple[float, float, int]]):
+        self._tok, self._backend = tok, TimedBackend(tok.backend_tokenizer, calls)
+
+    @property
+    def backend_tokenizer(self) -> TimedBackend:
+        return self._backend
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", default="corpus://shakespeare")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: train an 8000 BPE first)")
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args()
+    os.environ.setdefault("RAYON_NUM_THREADS", "2")
+
+    from kubetrain_trainer.data import iter_training_texts, prepare, resolve_inputs
+    from kubetrain_trainer.tokenizer import load_tokenizer, train_bpe
+
+    files = resolve_inputs(args.input, "--input")
+    scratch = Path(tempfile.mkdtemp(prefix="kubetrain-profile-prepare-"))
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        train_bpe(iter_training_texts(files, "text", 0.05, 500_000_000), 8000).save_pretrained(str(scratch / "tok"))
+        tok = load_tokenizer(scratch / "tok")  # a fresh load: no warm BPE cache from training
+    calls: list[tuple[float, float, int]] = []
+    timed = TimedTokenizer(tok, calls)
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    stats = prepare(files, timed, scratch / "out", validation_split=0.05)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    tokens = sum(stats.tokens.values())
+
+    busy = sum(e - s for s, e, _ in calls)
+    first, last = min(s for s, _, _ in calls) - t0, wall - (max(e for _, e, _ in calls) - t0)
+    print(f"prepare: {tokens:,} tokens in {wall:.3f}s = {tokens / wall:,.0f} tokens/s "
+          f"({len(files)} files, {stats.characters / 1e6:.1f}M characters)")
+    print(f"tokenizer calls (worker thread): {len(calls)} batches "
+          f"({', '.join(str(n) for *_, n in calls)} documents), busy {busy:.3f}s = {busy / wall:.0%} of wall; "
+          f"alone that is {tokens / busy:,.0f} tokens/s")
+    print(f"  serial head (before the first tokenizer call): {first:.3f}s = {first / wall:.0%} of wall")
+    print(f"  serial tail (after the last tokenizer call):   {last:.3f}s = {last / wall:.0%} of wall")
+    for i, (s, e, n) in enumerate(calls):
+        print(f"  batch {i}: {s - t0:.3f}s .. {e - t0:.3f}s ({e - s:.3f}s, {n} documents)")
+    print(f"\nmain thread, by cumulative time (share of {wall:.3f}s wall):")
+    st = pstats.Stats(prof)
+    rows = []
+    for (filename, line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append((ct, tt, f"{Path(filename).name}:{line}({func})"))
+    rows.sort(reverse=True)
+    print(f"  {'cumulative':>10} {'share':>6} {'own':>8}  function")
+    for ct, tt, name in rows[: args.top]:
+        print(f"  {ct:>9.3f}s {ct / wall:>6.0%} {tt:>7.3f}s  {name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
