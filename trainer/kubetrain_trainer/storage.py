@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -81,22 +82,26 @@ def with_retries(fn: Callable[[], T], attempts: int, what: str, base: float = 0.
 # The key/value surface
 
 
-class Store:
+class Store(ABC):
     """Keys are '/'-separated paths relative to the store's root."""
 
     uri: str
 
+    @abstractmethod
     def list(self, prefix: str = "") -> dict[str, int]:  # key → size
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def get(self, key: str) -> bytes:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def put(self, key: str, data: bytes, exclusive: bool = False) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        raise NotImplementedError
+        ...
 
     def abort_uploads(self, prefix: str = "") -> int:
         return 0
