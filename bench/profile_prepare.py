@@ -66,6 +66,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
+    from _machine import CpuMeter, wait_idle
     from kubetrain_trainer.data import iter_training_texts, prepare, resolve_inputs
     from kubetrain_trainer.tokenizer import load_tokenizer, train_bpe
 
@@ -79,18 +80,21 @@ def main() -> int:
     calls: list[tuple[float, float, int]] = []
     timed = TimedTokenizer(tok, calls)
 
+    wait_idle()
     prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    stats = prepare(files, timed, scratch / "out", validation_split=0.05)
-    prof.disable()
-    wall = time.perf_counter() - t0
+    with CpuMeter() as meter:
+        t0 = time.perf_counter()
+        prof.enable()
+        stats = prepare(files, timed, scratch / "out", validation_split=0.05)
+        prof.disable()
+        wall = time.perf_counter() - t0
     tokens = sum(stats.tokens.values())
 
     busy = sum(e - s for s, e, _ in calls)
     first, last = min(s for s, _, _ in calls) - t0, wall - (max(e for _, e, _ in calls) - t0)
     print(f"prepare: {tokens:,} tokens in {wall:.3f}s = {tokens / wall:,.0f} tokens/s "
-          f"({len(files)} files, {stats.characters / 1e6:.1f}M characters)")
+          f"({len(files)} files, {stats.characters / 1e6:.1f}M characters; under cProfile; "
+          f"{meter.result.describe()})")
     print(f"tokenizer calls (worker thread): {len(calls)} batches "
           f"({', '.join(str(n) for *_, n in calls)} documents), busy {busy:.3f}s = {busy / wall:.0%} of wall; "
           f"alone that is {tokens / busy:,.0f} tokens/s")
