@@ -5,9 +5,23 @@ STAMP := $(VENV)/.installed-stamp
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (see DEVELOPERS.md).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench clean
+TOOLS_STAMP := .tools/.installed-stamp
 
-install: $(STAMP)
+.PHONY: install tools manifests demo test test-fast lint bench clean
+
+install: $(STAMP) $(TOOLS_STAMP)
+
+# helm, kubectl, prometheus, promtool for the chart and monitoring tests (checksums and versions checked).
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): scripts/install-tools.sh
+	bash scripts/install-tools.sh
+	touch $@
+
+# The plain-YAML install (kubectl apply -k manifests/) from the chart; tests/test_chart.py fails on drift.
+manifests: $(STAMP) $(TOOLS_STAMP)
+	$(VENV)/bin/kubetrain crd --write manifests/crd.yaml --write charts/kubetrain/crds/llmtrainingjobs.yaml
+	$(PY) scripts/render_manifests.py
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,10 +37,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(TOOLS_STAMP)
 	$(PY) -m pytest -q -x --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
