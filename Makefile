@@ -21,6 +21,7 @@ $(TOOLS_STAMP): scripts/install-tools.sh
 # The plain-YAML install (kubectl apply -k manifests/) from the chart; tests/test_chart.py fails on drift.
 manifests: $(STAMP) $(TOOLS_STAMP)
 	$(VENV)/bin/kubetrain crd --write manifests/crd.yaml --write charts/kubetrain/crds/llmtrainingjobs.yaml
+	$(PY) scripts/dashboards.py
 	$(PY) scripts/render_manifests.py
 
 $(STAMP): pyproject.toml constraints.txt
