@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from conftest import (
     KUBETRAIN,
     job_manifest,
@@ -24,7 +26,7 @@ from conftest import (
 )
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import S3Spec
-from kubetrain_trainer.dcp_storage import S3FileSystem, S3Reader
+from kubetrain_trainer.dcp_storage import S3FileSystem, S3Reader, S3Writer, coalesce_reads, object_key, split_ranges
 from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store
 from s3_support import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
 
@@ -89,10 +91,59 @@ def test_streaming_upload_splits_objects_and_ranged_reads_return_the_bytes(s3: M
     assert sizes == {"ckpt/__0_0.distcp.00000": 10 * 2**20, "ckpt/__0_0.distcp.00001": 10 * 2**20,
                      "ckpt/__0_0.distcp.00002": len(payload) - 20 * 2**20}
     assert fs.bytes_written == len(payload)
-    reader = S3Reader(store, "ckpt", 10 * 2**20)
     for start, length in ((0, 10), (10 * 2**20 - 3, 7), (5, 21 * 2**20), (len(payload) - 100, 100)):
-        assert reader._read("__0_0.distcp", start, length) == payload[start : start + length]
+        gets = split_ranges(start, length, 10 * 2**20, 4 * 2**20)
+        got = b"".join(store.get_range(object_key("ckpt/__0_0.distcp", i), within, n) for i, within, n in gets)
+        assert got == payload[start : start + length]
     assert incomplete_uploads(s3.client(), BUCKET) == []
+
+
+def test_dcp_round_trip_through_s3_coalesces_tensor_reads(s3: MotoServer, world_of_one: None) -> None:
+    # 5 MiB parts, 10 MiB objects: 60 tensors (~25 MB) written back to back into 3 objects; the load
+    # must restore every byte with a few GETs of up to a part each, not one GET per tensor.
+    store = S3Store(f"s3://{BUCKET}/coalesce/", spec_of(s3, maxConcurrency=4))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(320, 320) for _ in range(30)])
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "extra": {"note": [1, 2, 3]}}
+    total = sum(v.numel() * v.element_size() for v in state["model"].values())
+    dcp.save(state, storage_writer=S3Writer(store, "ck"))
+    assert incomplete_uploads(s3.client(), BUCKET) == []
+    target = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "extra": {"note": []}}
+    reader = S3Reader(store, "ck", store.spec.object_size_bytes)
+    dcp.load(target, storage_reader=reader)
+    for key, value in state["model"].items():
+        assert torch.equal(target["model"][key], value), key
+    assert target["extra"] == {"note": [1, 2, 3]}
+    most = -(-total // store.spec.part_size_bytes) + -(-total // store.spec.object_size_bytes) + 1
+    assert 0 < reader.requests <= most < len(state["model"])
+
+
+def test_coalesced_reads_cover_every_request_exactly_once() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 5000), st.integers(1, 900)), max_size=40),
+           st.integers(1, 2000), st.integers(0, 50))
+    def check(ranges: list[tuple[str, int, int]], limit: int, gap: int) -> None:
+        requests = [(name, off, n, i) for i, (name, off, n) in enumerate(ranges)]
+        groups = coalesce_reads(requests, limit, gap)
+        seen = []
+        for g in groups:
+            assert g.length <= limit or len(g.items) == 1
+            for item, at, n in g.items:
+                name, off, length, _ = requests[item]
+                assert (name, off, length) == (g.name, g.start + at, n) and at + n <= g.length
+                seen.append(item)
+        assert sorted(seen) == list(range(len(requests)))
+        for g in groups:  # the GETs cover the group without crossing an object or exceeding the limit
+            gets = split_ranges(g.start, g.length, 700, limit)
+            assert sum(n for _, _, n in gets) == g.length
+            assert all(0 < n <= limit and within + n <= 700 for _, within, n in gets)
+            starts = [i * 700 + w for i, w, _ in gets]
+            assert starts == [g.start + sum(n for _, _, n in gets[:k]) for k in range(len(gets))]
+
+    check()
 
 
 def test_failed_stream_aborts_its_multipart_upload(s3: MotoServer) -> None:
@@ -171,22 +222,33 @@ def test_kill9_mid_upload_resumes_exactly_from_the_previous_commit(s3: MotoServe
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_resharding_resume_with_another_world_size(s3: MotoServer, prepared: Path, tmp_path: Path,
                                                    before: int, after: int) -> None:
-    """FSDP2-sharded state saved by N processes loads into M and training continues on the same path."""
-    reference = _config(tmp_path, prepared, s3, f"reshard-ref-{before}{after}", "ref", maxSteps=12,
+    """FSDP2-sharded state saved by N processes at a SIGTERM loads into M, and training goes on exactly as an
+    uninterrupted run: same batches (the sampler ignores the world size), same schedule, same AdamW state."""
+    steps, client = 30, s3.client()
+    reference = _config(tmp_path, prepared, s3, f"reshard-ref-{before}{after}", "ref", maxSteps=steps,
                         parallelism="fsdp")
     _train(2, reference, tmp_path / "ref")
-    first = _config(tmp_path, prepared, s3, f"reshard-{before}{after}", "first", maxSteps=6, parallelism="fsdp")
-    _train(before, first, tmp_path / "run")
-    second = _config(tmp_path, prepared, s3, f"reshard-{before}{after}", "second", maxSteps=12,
-                     parallelism="fsdp")
-    _train(after, second, tmp_path / "run")
+    config = _config(tmp_path, prepared, s3, f"reshard-{before}{after}", "run", maxSteps=steps, parallelism="fsdp")
+    cmd = torchrun_cmd(before, config, tmp_path / "run")
+    cmd.insert(cmd.index("--max-restarts=0"), "--shutdown-timeout=60")  # time for the SIGTERM checkpoint
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: f"reshard-{before}{after}/step-000000010/{MARKER}" in objects(client, BUCKET,
+                                                                                  f"reshard-{before}{after}/"),
+             timeout=240, what="the step-10 commit")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    preempted = read_events(tmp_path / "run", "preempted")[-1]["step"]
+    assert 10 <= preempted < steps
+    assert f"reshard-{before}{after}/step-{preempted:09d}/{MARKER}" in objects(client, BUCKET, "reshard-")
+
+    _train(after, config, tmp_path / "run")
     starts = read_events(tmp_path / "run", "start")
-    assert [(s["worldSize"], s["startStep"]) for s in starts] == [(before, 0), (after, 6)]
+    assert [(s["worldSize"], s["startStep"]) for s in starts] == [(before, 0), (after, preempted)]
     ref, run = step_losses(tmp_path / "ref"), step_losses(tmp_path / "run")
-    # Steps 1-6 ran with a schedule for 6 steps, so compare the resumed steps' trend only loosely there;
-    # after the resume the state (weights, AdamW moments) must be the reference's up to float rounding.
-    assert all(run[s] < ref[1] for s in range(7, 13))
-    assert abs(run[7] - ref[7]) < 0.05
+    resumed = range(preempted + 1, steps + 1)
+    # Equal up to float rounding: the ranks reduce gradients in another order. Losing the AdamW moments or
+    # a shifted schedule or data order moves the loss by far more than this.
+    assert max(abs(run[s] - ref[s]) for s in resumed) < 2e-3, [(run[s], ref[s]) for s in resumed]
 
 
 def test_s3_outage_during_an_upload_fails_cleanly_and_training_goes_on(s3: MotoServer, prepared: Path,

@@ -89,6 +89,7 @@ class CheckpointManager:
         self.consecutive_failures = 0
         self._inflight: _InFlight | None = None
         self._writer: Any = None
+        self._preparing: threading.Thread | None = None
 
     # -- discovery ---------------------------------------------------------------------------------
     def _objects(self) -> dict[str, int]:
@@ -143,12 +144,25 @@ class CheckpointManager:
                      aborted, len(debris))
 
     # -- save ----------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate the host staging buffers in a background thread, once the optimizer state exists (after
+        the first step), so that no save is blocked by creating them. Saves wait for it if needed."""
+        writer = self._writer_for()
+        if writer.state_dict_cache is not None or self._preparing is not None or not optimizer.state:
+            return
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        self._preparing = threading.Thread(target=writer.allocate, args=(state,), name="checkpoint-staging",
+                                           daemon=True)
+        self._preparing.start()
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any], asynchronous: bool = True) -> float:
         """Collective (every rank calls it at the same step). Starts a save and returns the seconds the
         caller was blocked: waiting for a previous save still in flight plus staging to host memory."""
         t0 = time.perf_counter()
         self.wait()
+        if self._preparing is not None:
+            self._preparing.join()
         attempt: list[Any] = [uuid.uuid4().hex[:12]]
         if dist.get_world_size(self.process_group) > 1:
             dist.broadcast_object_list(attempt, src=0, group=self.process_group)  # idle: no save in flight

@@ -17,6 +17,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
@@ -35,18 +36,25 @@ def object_key(name: str, index: int) -> str:
 class _MultipartStream(io.RawIOBase):
     """A write-only stream that uploads as it goes. The bytes written become objects `name.00000`,
     `name.00001`, ... of `object_size` bytes (the last shorter); each object is a multipart upload
-    whose parts are sent concurrently by the shared pool while later parts are still being written."""
+    whose parts are sent concurrently by the shared pool while later parts are still being written.
+
+    Bytes are copied once, into part-sized buffers that go back to the file system's free list when
+    their part is uploaded. An object's completion (waiting for its parts, then
+    CompleteMultipartUpload) runs on the completion pool, so the next object starts at once instead
+    of draining the upload pipeline at every object boundary."""
 
     def __init__(self, fs: S3FileSystem, name: str):
         super().__init__()
         self.fs, self.name = fs, name
         self.part_size, self.object_size = fs.spec.part_size_bytes, fs.spec.object_size_bytes
-        self._buf = bytearray()
+        self._buf: bytearray | None = None
+        self._fill = 0  # bytes of _buf written so far
         self._pos = 0
         self._object = 0
         self._object_bytes = 0  # bytes of the current object handed to parts so far
         self._upload_id: str | None = None
         self._parts: list[cf.Future] = []
+        self._pending: list[tuple[str, str, cf.Future]] = []  # (key, upload id, completion) per object
         self.error: Exception | None = None
 
     def writable(self) -> bool:
@@ -66,10 +74,13 @@ class _MultipartStream(io.RawIOBase):
         view = memoryview(b).cast("B")
         n = len(view)
         while len(view):
-            room = min(self.part_size - len(self._buf), self.object_size - self._object_bytes - len(self._buf))
-            self._buf += view[:room]
+            if self._buf is None:
+                self._buf = self.fs.take_buffer()
+            room = min(self.part_size - self._fill, self.object_size - self._object_bytes - self._fill, len(view))
+            self._buf[self._fill:self._fill + room] = view[:room]
+            self._fill += room
             view = view[room:]
-            if len(self._buf) == self.part_size:
+            if self._fill == self.part_size:
                 self._send_part()
             if self._object_bytes == self.object_size:
                 self._finish_object()
@@ -79,17 +90,32 @@ class _MultipartStream(io.RawIOBase):
     def _key(self) -> str:
         return self.fs.store.key(object_key(self.name, self._object))
 
+    def _raise_failed(self) -> None:
+        """Stop early instead of streaming into an upload that already failed."""
+        for future in [*self._parts, *(c for _, _, c in self._pending)]:
+            if future.done() and future.exception() is not None:
+                raise cast(BaseException, future.exception())
+
+    def _take_data(self) -> tuple[bytes | bytearray, bytearray | None]:
+        """The filled bytes to send, and the buffer to recycle after sending (None: nothing to recycle)."""
+        buf, fill = self._buf, self._fill
+        assert buf is not None
+        self._buf, self._fill = None, 0
+        if fill == len(buf):
+            return buf, buf  # a full part: sent as is, no copy
+        data = bytes(memoryview(buf)[:fill])  # the last, short part of an object
+        self.fs.give_buffer(buf)
+        return data, None
+
     def _send_part(self) -> None:
         s3, bucket = self.fs.store.client, self.fs.store.bucket
         if self._upload_id is None:
             key = self._key()
             self._upload_id = self.fs.store._retry(
                 lambda: s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"], f"start upload {key}")
-        for part in self._parts:  # stop early instead of streaming into an upload that already failed
-            if part.done() and part.exception() is not None:
-                raise cast(BaseException, part.exception())
-        data, number, key, upload_id = bytes(self._buf), len(self._parts) + 1, self._key(), self._upload_id
-        self._buf.clear()
+        self._raise_failed()
+        data, recycle = self._take_data()
+        number, key, upload_id = len(self._parts) + 1, self._key(), self._upload_id
         self._object_bytes += len(data)
         self.fs.slots.acquire()  # back-pressure: at most max_concurrency parts buffered per process
 
@@ -101,6 +127,8 @@ class _MultipartStream(io.RawIOBase):
                 self.fs.count(len(data))
                 return {"PartNumber": number, "ETag": etag}
             finally:
+                if recycle is not None:
+                    self.fs.give_buffer(recycle)
                 self.fs.slots.release()
 
         self._parts.append(self.fs.pool.submit(upload))
@@ -108,17 +136,24 @@ class _MultipartStream(io.RawIOBase):
     def _finish_object(self) -> None:
         s3, bucket, key = self.fs.store.client, self.fs.store.bucket, self._key()
         if self._upload_id is None:  # small object: one PUT
-            data = bytes(self._buf)
-            self._buf.clear()
+            data = b""
+            if self._buf is not None:
+                data = bytes(memoryview(self._buf)[:self._fill])
+                self.fs.give_buffer(self._buf)
+                self._buf, self._fill = None, 0
             self.fs.store._retry(lambda: s3.put_object(Bucket=bucket, Key=key, Body=data), f"put {key}")
             self.fs.count(len(data))
         else:
-            if self._buf:
+            if self._fill:
                 self._send_part()
-            parts = [f.result() for f in self._parts]
-            upload_id = self._upload_id
-            self.fs.store._retry(lambda: s3.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}), f"complete {key}")
+            parts, upload_id, retry = list(self._parts), self._upload_id, self.fs.store._retry
+
+            def complete() -> None:
+                done = [f.result() for f in parts]
+                retry(lambda: s3.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}), f"complete {key}")
+
+            self._pending.append((key, upload_id, self.fs.completer.submit(complete)))
         self._object += 1
         self._object_bytes = 0
         self._upload_id = None
@@ -126,21 +161,30 @@ class _MultipartStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            if self._buf or self._object_bytes or self._pos == 0:
+            if self._fill or self._object_bytes or self._pos == 0:
                 self._finish_object()
+            for _, _, completion in self._pending:
+                completion.result()  # the first failure is raised; the caller then aborts the rest
+            if self._buf is not None:
+                self.fs.give_buffer(self._buf)
+                self._buf = None
             super().close()
 
     def abort(self) -> None:
         for f in self._parts:
             if f.cancel():  # never ran, so its finally clause will not return the slot: return it here
                 self.fs.slots.release()
-        cf.wait(self._parts)
+        cf.wait([*self._parts, *(c for _, _, c in self._pending)])
+        uploads = [(key, upload_id) for key, upload_id, c in self._pending if c.exception() is not None]
         if self._upload_id is not None:
-            s3, bucket, key, upload_id = self.fs.store.client, self.fs.store.bucket, self._key(), self._upload_id
+            uploads.append((self._key(), self._upload_id))
+        s3, bucket = self.fs.store.client, self.fs.store.bucket
+        for key, upload_id in uploads:
             try:
                 s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception as exc:  # the store may be down; a restart aborts leftovers (abort_uploads)
                 log.warning("could not abort the upload of %s (%s)", key, type(exc).__name__)
+        self._buf = None
         super().close()
 
 
@@ -151,9 +195,20 @@ class S3FileSystem(FileSystemBase):
         self.store = store
         self.spec = store.spec
         self.pool = cf.ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="s3-part")
+        # Completions only wait and send one small request each; two keep up with any part rate.
+        self.completer = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3-complete")
         self.slots = threading.BoundedSemaphore(self.spec.max_concurrency)
+        self._free: list[bytearray] = []  # part buffers, reused: at most max_concurrency + 1 exist
         self._lock = threading.Lock()
         self.bytes_written = 0
+
+    def take_buffer(self) -> bytearray:
+        with self._lock:
+            return self._free.pop() if self._free else bytearray(self.spec.part_size_bytes)
+
+    def give_buffer(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
 
     def count(self, n: int) -> None:
         with self._lock:
@@ -220,12 +275,39 @@ class _CachedStaging:
 
     state_dict_cache: Any = None
 
+    def allocate(self, state_dict: Any, touch: bool = True) -> None:
+        """Create the host buffers for `state_dict`'s tensors. With `touch`, write them once, so that the
+        first save does not pay the page faults of fresh memory (pinned memory is resident already)."""
+        from torch.distributed._state_dict_utils import _create_cpu_state_dict
+
+        pin = torch.cuda.is_available()
+        cache = _create_cpu_state_dict(state_dict, pin_memory=pin)
+        if touch and not pin:
+            for tensor in _tensors(cache):
+                tensor.zero_()
+        self.state_dict_cache = cache
+
     def stage(self, state_dict: Any) -> Any:
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+        from torch.distributed._state_dict_utils import _copy_state_dict
 
         if self.state_dict_cache is None:
-            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self.allocate(state_dict, touch=False)  # the copy below touches every page anyway
         return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        yield tree.to_local()
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _tensors(value)
 
 
 class S3Writer(_CachedStaging, FileSystemWriter):
@@ -263,8 +345,48 @@ class LocalWriter(_CachedStaging, FileSystemWriter):
         self.fs = CountingFileSystem()
 
 
+@dataclass
+class ReadGroup:
+    """Adjacent byte ranges of one logical file fetched together: (item, offset in group, length) each."""
+
+    name: str
+    start: int
+    length: int
+    items: list[tuple[Any, int, int]] = field(default_factory=list)
+
+
+def coalesce_reads(requests: list[tuple[str, int, int, Any]], limit: int, gap: int = 256 * 1024) -> list[ReadGroup]:
+    """Merge (name, offset, length, item) requests of the same file whose ranges are adjacent (or at most
+    `gap` bytes apart) into groups of at most `limit` bytes; an item longer than `limit` is a group of its
+    own. DCP stores a rank's tensors back to back, so a load needs a few large GETs instead of one per
+    tensor: fewer requests (S3 throttles by request rate) and no per-request cost per tensor."""
+    groups: list[ReadGroup] = []
+    for name, offset, length, item in sorted(requests, key=lambda r: (r[0], r[1])):
+        last = groups[-1] if groups else None
+        if (last is not None and last.name == name and last.start + last.length <= offset
+                <= last.start + last.length + gap and offset + length - last.start <= limit):
+            last.items.append((item, offset - last.start, length))
+            last.length = offset + length - last.start
+        else:
+            groups.append(ReadGroup(name, offset, length, [(item, 0, length)]))
+    return groups
+
+
+def split_ranges(start: int, length: int, object_size: int, limit: int) -> list[tuple[int, int, int]]:
+    """(object index, offset within the object, length) GETs covering [start, start + length): none
+    crosses an object boundary or exceeds `limit` bytes."""
+    out = []
+    while length > 0:
+        index, within = divmod(start, object_size)
+        take = min(length, object_size - within, limit)
+        out.append((index, within, take))
+        start, length = start + take, length - take
+    return out
+
+
 class S3Reader(FileSystemReader):
-    """Loads exactly the byte ranges this rank's plan needs, `max_concurrency` ranged GETs at a time."""
+    """Loads exactly the byte ranges this rank's plan needs: adjacent ranges coalesced into GETs of at
+    most `part_size_bytes`, `max_concurrency` of them at a time, straight into memory."""
 
     def __init__(self, store: S3Store, step_key: str, object_size: int):
         super().__init__(step_key)
@@ -272,44 +394,63 @@ class S3Reader(FileSystemReader):
         self.object_size = object_size
         self.fs = S3FileSystem(store)  # type: ignore[assignment]
         self.path = step_key
+        self.requests = 0  # GETs issued by the last read_data (for tests and benchmarks)
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
         if checkpoint_id:
             self.path = str(checkpoint_id)
 
-    def _read(self, name: str, offset: int, length: int) -> bytes:
-        out = bytearray()
-        while length > 0:
-            index, within = divmod(offset, self.object_size)
-            take = min(length, self.object_size - within)
-            out += self.store.get_range(object_key(f"{self.path}/{name}", index), within, take)
-            offset, length = offset + take, length - take
-        return bytes(out)
-
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
-        # Requests are fetched concurrently; tensors are committed one at a time in this thread.
-        window = max(1, self.store.spec.max_concurrency)
-        items = list(plan.items)
+        spec = self.store.spec
+        requests = []
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            requests.append((info.relative_path, info.offset, info.length, req))
+        groups = coalesce_reads(requests, spec.part_size_bytes)
+        # GETs in file order: (group number, object key, offset within object, length, offset in group)
+        gets = []
+        for number, group in enumerate(groups):
+            at = 0
+            for index, within, take in split_ranges(group.start, group.length, self.object_size, spec.part_size_bytes):
+                gets.append((number, object_key(f"{self.path}/{group.name}", index), within, take, at))
+                at += take
+        self.requests = len(gets)
+        left = {n: 0 for n in range(len(groups))}
+        for number, *_ in gets:
+            left[number] += 1
+        buffers: dict[int, bytearray] = {}
+
+        def fetch(buf: bytearray, key: str, within: int, take: int, at: int) -> None:
+            buf[at:at + take] = self.store.get_range(key, within, take)
+
+        # GETs run concurrently with a bounded read-ahead; tensors are committed in this thread as soon as
+        # their group is complete, and the group's buffer is dropped.
+        window = max(1, spec.max_concurrency)
         with cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="s3-read") as pool:
-            pending: dict[cf.Future, Any] = {}
+            pending: dict[cf.Future, int] = {}
             position = 0
-            while position < len(items) or pending:
-                while position < len(items) and len(pending) < 2 * window:  # bounded read-ahead
-                    req = items[position]
-                    info = self.storage_data[req.storage_index]
-                    pending[pool.submit(self._read, info.relative_path, info.offset, info.length)] = req
+            while position < len(gets) or pending:
+                while position < len(gets) and len(pending) < 2 * window:
+                    number, key, within, take, at = gets[position]
+                    buf = buffers.setdefault(number, bytearray(groups[number].length))
+                    pending[pool.submit(fetch, buf, key, within, take, at)] = number
                     position += 1
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    req = pending.pop(fut)
-                    self._commit(req, fut.result(), planner)
+                    number = pending.pop(fut)
+                    fut.result()
+                    left[number] -= 1
+                    if left[number] == 0:
+                        view = memoryview(buffers.pop(number))
+                        for req, at, length in groups[number].items:
+                            self._commit(req, view[at:at + length], planner)
         result: torch.futures.Future[None] = torch.futures.Future()
         result.set_result(None)
         return result
 
     @staticmethod
-    def _commit(req: Any, data: bytes, planner: LoadPlanner) -> None:
+    def _commit(req: Any, data: memoryview, planner: LoadPlanner) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         if req.type == LoadItemType.BYTE_IO:
@@ -322,5 +463,3 @@ class S3Reader(FileSystemReader):
             raise AssertionError(f"{req.storage_index}: checkpoint shape {tensor.size()} != model {target.size()}")
         target.copy_(tensor)
         planner.commit_tensor(req, target)
-
-

@@ -301,6 +301,8 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if step == start_step + 1:  # the optimizer state exists now
+            manager.prepare(model, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
