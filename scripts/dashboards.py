@@ -96,7 +96,8 @@ TRAINING = {
         row("Checkpoints"),
         panel("Checkpoint time per save", [
             q(f"sum(increase(kubetrain_checkpoint_blocked_seconds_sum{{{J}}}[$__range])) / "
-              f"sum(increase(kubetrain_checkpoint_blocked_seconds_count{{{J}}}[$__range]))", "blocked (training waits)"),
+              f"sum(increase(kubetrain_checkpoint_blocked_seconds_count{{{J}}}[$__range]))",
+              "blocked (training waits)"),
             q(f"sum(increase(kubetrain_checkpoint_save_seconds_sum{{{J}}}[$__range])) / "
               f"sum(increase(kubetrain_checkpoint_save_seconds_count{{{J}}}[$__range]))", "total (until committed)"),
         ], unit="s", kind="stat"),
@@ -148,6 +149,12 @@ OPERATOR = {
 }
 
 
+def options(kind: str) -> dict[str, Any]:
+    if kind == "timeseries":
+        return {"legend": {"displayMode": "list", "placement": "bottom"}}
+    return {"reduceOptions": {"calcs": ["lastNotNull"]}}
+
+
 def build(spec: dict[str, Any]) -> dict[str, Any]:
     panels, x, y, height = [], 0, 0, 8
     for i, p in enumerate(spec["panels"], start=1):
@@ -166,8 +173,7 @@ def build(spec: dict[str, Any]) -> dict[str, Any]:
         panels.append({"id": i, "type": p["type"], "title": p["title"], "description": p["description"],
                        "datasource": DS, "gridPos": {"h": height, "w": w, "x": x, "y": y},
                        "fieldConfig": {"defaults": {"unit": p["unit"]}, "overrides": []},
-                       "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if p["type"] == "timeseries"
-                       else {"reduceOptions": {"calcs": ["lastNotNull"]}}, "targets": targets})
+                       "options": options(p["type"]), "targets": targets})
         x += w
     variables: list[dict[str, Any]] = [{"name": "datasource", "label": "Data source", "type": "datasource",
                                         "query": "prometheus", "current": {}, "hide": 0}]

@@ -22,7 +22,8 @@ metadata:
   name: {NAMESPACE}
 """
 
-KUSTOMIZATION_YAML = f"""{HEADER}# kubectl apply -k manifests/   (the CRD, the namespace, the operator with its RBAC and metrics Service)
+KUSTOMIZATION_YAML = f"""{HEADER}# kubectl apply -k manifests/
+# (the CRD, the namespace, the operator with its RBAC and metrics Service)
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
@@ -34,7 +35,8 @@ resources:
 
 def render() -> dict[str, str]:
     """File name under manifests/ → content."""
-    out = subprocess.run([str(HELM), "template", RELEASE, str(ROOT / "charts" / "kubetrain"), "--namespace", NAMESPACE],
+    chart = ROOT / "charts" / "kubetrain"
+    out = subprocess.run([str(HELM), "template", RELEASE, str(chart), "--namespace", NAMESPACE],
                          check=True, capture_output=True, text=True).stdout
     return {"kubetrain.yaml": HEADER + out, "namespace.yaml": NAMESPACE_YAML, "kustomization.yaml": KUSTOMIZATION_YAML}
 

@@ -3,8 +3,10 @@ scripts/install-tools.sh puts in .tools/bin (`make tools`), and rendering the ch
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -51,3 +53,12 @@ def rules_file(path: Path, *args: str) -> Path:
     rule = one(template("--set", "prometheusRule.enabled=true", *args), "PrometheusRule")
     path.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
     return path
+
+
+def script(name: str) -> ModuleType:
+    """A module of scripts/ (the generators of manifests/ and the dashboards), to compare with their output."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

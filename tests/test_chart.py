@@ -13,7 +13,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chart_support import ALL_ON, CHART, NAMESPACE, ROOT, helm, one, template, template_text, tool
+from chart_support import ALL_ON, CHART, NAMESPACE, ROOT, helm, one, script, template, template_text, tool
 
 KUBERNETES_VERSIONS = ["1.28.0", "1.35.0"]  # kubernetes-validate 1.37.0 ships schemas for exactly these
 MONITORING = "monitoring.coreos.com/v1"
@@ -64,7 +64,8 @@ def test_yamllint_values_and_rendered(rendered: tuple[str, str], tmp_path: Path)
     out = tmp_path / "rendered.yaml"
     out.write_text(text)
     # helm's output: `---` separators and `# Source:` comments; long lines come from embedded dashboards.
-    config = "{extends: default, rules: {line-length: {max: 160}, document-start: disable, comments: {min-spaces-from-content: 1}, comments-indentation: disable}}"
+    config = ("{extends: default, rules: {line-length: {max: 160}, document-start: disable, "
+              "comments: {min-spaces-from-content: 1}, comments-indentation: disable}}")
     for path in (CHART / "values.yaml", CHART / "Chart.yaml", out):
         lines = [line for line in path.read_text().splitlines() if len(line) > 160]
         target = path
@@ -343,12 +344,7 @@ def test_user_roles_aggregate_into_view_and_edit() -> None:
 
 
 def test_manifests_are_generated_from_the_chart() -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import render_manifests
-    finally:
-        sys.path.pop(0)
-    for name, text in render_manifests.render().items():
+    for name, text in script("render_manifests").render().items():
         assert (ROOT / "manifests" / name).read_text() == text, f"manifests/{name} drifted: run `make manifests`"
 
 

@@ -1,0 +1,295 @@
+"""Alerts and dashboards against reality: promtool checks and unit-tests the chart's alerts, and a real
+Prometheus (Debian's 2.42, on 127.0.0.1) scrapes a real `kubetrain run` and the real operator (its Kopf
+handlers in-process against kmock, its metrics served over a socket as `kubetrain operator` serves them);
+then every dashboard panel's query and every metric an alert reads must return data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from chart_support import CHART, ROOT, rules_file, script, tool
+from conftest import job_manifest, read_events, write_manifest
+from operator_support import (
+    JOBS_URL,
+    MERGE,
+    NS,
+    PODS_URL,
+    Cluster,
+    declare_resources,
+    fast_config,
+    running_operator,
+    spec_dict,
+    wait_until,
+    write_kubeconfig,
+)
+
+TRAINING_LABELS = {"namespace": "ml", "job_name": "scrape-demo", "pod": "scrape-demo-worker-0"}
+OPERATOR_JOB = "kubetrain-metrics"  # the chart's metrics Service: the ServiceMonitor's job label
+# Grafana's variables, as a dashboard user would have them for this run.
+VARIABLES = {"$namespace": TRAINING_LABELS["namespace"], "$job_name": TRAINING_LABELS["job_name"],
+             "$operator_job": OPERATOR_JOB, "$__rate_interval": "10s", "$__interval": "1s",
+             "$__range_s": "30", "$__range": "30s"}
+
+# Queries that cannot return data here, each with its reason. Keep this short: anything else must work.
+NOT_HERE = {
+    # No GPU in CI: dcgm-exporter's metrics exist only on GPU nodes.
+    ("training-job", "GPU utilisation", "A"): "DCGM_FI_DEV_GPU_UTIL (dcgm-exporter)",
+    ("training-job", "Tensor core activity", "A"): "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE (dcgm-exporter)",
+    ("training-job", "GPU memory used", "A"): "DCGM_FI_DEV_FB_USED (dcgm-exporter)",
+    ("training-job", "GPU power", "A"): "DCGM_FI_DEV_POWER_USAGE (dcgm-exporter)",
+    # Not exported by the operator yet (proposed in docs/operations.md, "Metrics still to add").
+    ("training-job", "Restarts", "A"): "kubetrain_operator_job_restarts",
+    ("training-job", "Workers", "A"): "kubetrain_operator_job_workers",
+    ("operator", "Leader", "A"): "kubetrain_operator_leader",
+}
+ALERT_METRICS_NOT_HERE = {"kubetrain_operator_job_phase": "not exported by the operator yet (proposed)"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- promtool ------------------------------------------------------------------------------------------------
+
+
+def test_promtool_checks_and_unit_tests_every_alert(tmp_path: Path) -> None:
+    rules = rules_file(tmp_path / "rules.yaml")
+    check = subprocess.run([tool("promtool"), "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = tmp_path / "alerts-test.yaml"
+    shutil.copy(ROOT / "tests" / "promtool" / "alerts-test.yaml", tests)
+    result = subprocess.run([tool("promtool"), "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Every alert has a firing case and a quiet one.
+    alerts = {r["alert"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]}
+    cases = [c for t in yaml.safe_load(tests.read_text())["tests"] for c in t["alert_rule_test"]]
+    for alert in alerts:
+        assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), f"{alert}: no firing case"
+        assert any(c["alertname"] == alert and not c["exp_alerts"] for c in cases), f"{alert}: no quiet case"
+
+
+def test_promtool_fails_a_wrong_expectation(tmp_path: Path) -> None:
+    """The unit tests can fail: the same tests against rules with a doubled stall window do not pass."""
+    rules_file(tmp_path / "rules.yaml", "--set", "prometheusRule.stalledMinutes=40")
+    shutil.copy(ROOT / "tests" / "promtool" / "alerts-test.yaml", tmp_path / "alerts-test.yaml")
+    result = subprocess.run([tool("promtool"), "test", "rules", str(tmp_path / "alerts-test.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "KubetrainTrainingStalled" in result.stdout + result.stderr
+
+
+# --- dashboards -------------------------------------------------------------------------------------------
+
+
+def dashboard_queries() -> list[tuple[tuple[str, str, str], str]]:
+    out = []
+    for path in sorted((CHART / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        for p in board["panels"]:
+            for t in p.get("targets", []):
+                out.append(((path.stem, p["title"], t["refId"]), t["expr"]))
+    return out
+
+
+def test_dashboards_are_generated_and_well_formed() -> None:
+    for name, text in script("dashboards").render().items():
+        assert (CHART / "dashboards" / name).read_text() == text, f"{name} drifted: run `make manifests`"
+    for path in sorted((CHART / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        assert board["uid"] and board["title"].startswith("kubetrain / ")
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids))
+        names = {v["name"] for v in board["templating"]["list"]}
+        for p in board["panels"]:
+            if p["type"] != "row":
+                assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+                for t in p["targets"]:
+                    used = set(re.findall(r"\$([a-z_]+)", t["expr"])) - {"__rate_interval", "__interval", "__range",
+                                                                       "__range_s"}
+                    assert used <= names, f"{p['title']}: undefined variables {used - names}"
+    titles = {t for (board, t, _), _ in dashboard_queries() if board == "training-job"}
+    for wanted in ("Loss", "Learning rate", "Gradient norm", "Tokens/s", "Tokens/s per node", "MFU", "Step time",
+                   "Data wait", "Goodput", "Checkpoint time per save", "Last committed step", "Restarts", "Workers",
+                   "GPU utilisation"):
+        assert wanted in titles, wanted
+    assert {k for k in NOT_HERE} <= {k for k, _ in dashboard_queries()}, "NOT_HERE names a panel that is gone"
+
+
+# --- a real scrape ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], rules: Path) -> Any:
+    """Prometheus on 127.0.0.1 scraping each job's target every second; yields its base URL."""
+    port = free_port()
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
+              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{p}"],
+                                                                     "labels": labels}]}
+                                 for job, (p, labels) in targets.items()]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen([tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+                             "--storage.tsdb.retention.time=1h"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def query(http: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
+    async with http.get(f"{base}/api/v1/query", params={"query": expr}) as resp:
+        body = await resp.json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    return list(body["data"]["result"])
+
+
+@contextlib.asynccontextmanager
+async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterator[Path]:
+    """`kubetrain run` of a small job that trains until stopped, checkpointing and evaluating often."""
+    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
+        prepared, name="scrape-demo", training={"maxSteps": 100000, "evalEvery": 40, "evalBatches": 1},
+        checkpoint={"everySteps": 40, "keep": 1}, metrics={"port": port}))
+    out = tmp_path / "run"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetrain_cli", "run", str(manifest), "--output", str(out),
+        stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        yield out
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # checkpoints the current step and exits 143
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=60)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def operator_scenario(cluster: Cluster, trainer_port: int) -> None:
+    """Drives the operator through what its dashboard shows: a failed reconcile (injected 503s on pod
+    creation), pod creations, running workers whose worker 0 is the live trainer (its /progress is read)."""
+    http = cluster.http
+    cluster.fail_pods_after = 0
+    manifest = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob",
+                "metadata": {"name": "scrape-demo", "namespace": NS},
+                "spec": spec_dict(metrics={"port": trainer_port}, runPolicy={"restartBackoffSeconds": 0})}
+    async with http.post(JOBS_URL, json=manifest) as resp:
+        assert resp.status in (200, 201), await resp.text()
+
+    def pods() -> list[str]:
+        return sorted(name for (res, ns, name), o in list(cluster.objects.items())
+                      if res.plural == "pods" and ns == NS and not o.deleted)
+
+    await wait_until(lambda: cluster.pods_seen >= 2, timeout=30, what="failed pod creations")
+    await asyncio.sleep(4)  # the client's retries (0.2 + 0.4 + 0.8 + 1.6 s) run out: one failed reconcile
+    cluster.fail_pods_after = None
+    await wait_until(lambda: len(pods()) == 2, timeout=30, what="2 worker pods")
+    for name in pods():  # kubelet's part: running, at the trainer's address (worker 0 serves /progress)
+        body = {"status": {"phase": "Running", "podIP": "127.0.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]}}
+        async with http.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
+            assert resp.status == 200
+
+
+async def fail_worker(cluster: Cluster, name: str) -> None:
+    body = {"status": {"phase": "Failed", "podIP": "127.0.0.1", "containerStatuses": [{"name": "trainer", "state": {
+        "terminated": {"exitCode": 137, "reason": "Error", "message": ""}}}]}}
+    async with cluster.http.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.kmock(cls=Cluster)
+async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetrain_operator.metrics import serve
+
+    cluster = kmock
+    declare_resources(cluster)
+    write_kubeconfig(tmp_path / "kubeconfig", cluster.url)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    trainer_port, operator_port = free_port(), free_port()
+    rules = rules_file(tmp_path / "rules.yaml")
+    targets = {"kubetrain-training": (trainer_port, TRAINING_LABELS),
+               OPERATOR_JOB: (operator_port, {"namespace": "kubetrain", "pod": "kubetrain-operator-0"})}
+    started = time.monotonic()
+    async with aiohttp.ClientSession(base_url=str(cluster.url),
+                                     connector=aiohttp.TCPConnector(force_close=True)) as kube_http, \
+            aiohttp.ClientSession() as http:
+        cluster.http = kube_http
+        with prometheus(tmp_path, targets, rules) as base:
+            async with training_run(tmp_path, prepared, trainer_port) as out, \
+                    running_operator(fast_config()) as memo:
+                server = await serve(lambda: memo.runtime.metrics.exposition(), operator_port, host="127.0.0.1")
+                try:
+                    await operator_scenario(cluster, trainer_port)
+                    await wait_until(lambda: query(http, base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
+                                     timeout=60, what="a /progress read in Prometheus")
+                    await fail_worker(cluster, "scrape-demo-worker-1")  # a restart, counted by reason
+                    # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
+                    await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
+                                     what="two checkpoints of the training run")
+                    await wait_until(lambda: query(http, base, "kubetrain_operator_restarts_total"), timeout=30,
+                                     what="the restart in Prometheus")
+                    await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
+                                     what="the failed reconcile in Prometheus")
+                    await asyncio.sleep(3)  # a few more scrapes of the latest checkpoint and eval
+                    await check_queries(http, base, rules)
+                finally:
+                    await server.cleanup()
+    assert time.monotonic() - started < 150
+
+
+async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path) -> None:
+    empty = []
+    for key, expr in dashboard_queries():
+        for name, value in sorted(VARIABLES.items(), key=lambda kv: -len(kv[0])):  # $__range_s before $__range
+            expr = expr.replace(name, value)
+        result = await query(http, base, expr)
+        if key in NOT_HERE:
+            continue
+        if not any(r["value"][1] != "NaN" for r in result):  # nothing, or only 0/0
+            empty.append(f"{key}: {expr} -> {result}")
+        for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b(?=\{|\[| \)|\))", expr)):
+            if not await query(http, base, f'count({{__name__="{metric}"}})'):
+                empty.append(f"{key}: metric {metric} does not exist")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+    for group in yaml.safe_load(rules.read_text())["groups"]:
+        for rule in group["rules"]:
+            for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b", rule["expr"])) - set(ALERT_METRICS_NOT_HERE):
+                if not await query(http, base, f'count({{__name__="{metric}"}})'):
+                    empty.append(f"{rule['alert']}: {metric}")
+    assert not empty, "alerts read metrics that do not exist:\n" + "\n".join(empty)
+
+    # Prometheus itself loaded the chart's rules and evaluates every one without error.
+    async with http.get(f"{base}/api/v1/rules") as resp:
+        groups = (await resp.json())["data"]["groups"]
+    health = {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
+    assert len(health) == 6 and all(h == "ok" for h, _ in health.values()), health
