@@ -176,6 +176,8 @@ class Cluster(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         writes = (_kmock_enums.action.CREATE, _kmock_enums.action.UPDATE)
         if request.resource is not None and request.action in writes:
+            if request.action == _kmock_enums.action.UPDATE and isinstance(request.data, dict):
+                self._check_precondition(request)
             self.versions += 1
             if isinstance(request.data, list):  # a JSON patch (Kopf's finalizers test resourceVersion)
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self.versions)})
@@ -214,6 +216,19 @@ class Cluster(kmock.KubernetesEmulator):
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as exc:  # a stale resourceVersion: 422 as from a real server
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+
+
+    def _check_precondition(self, request: Any) -> None:
+        """A merge patch that names metadata.resourceVersion applies only to that version (409 otherwise),
+        as on a real API server: what leader election relies on."""
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+        key = (request.resource, request.namespace, request.name)
+        if wanted is None or key not in self.objects or self.objects[key].deleted:
+            return
+        current = dict(self.objects[key]).get("metadata", {}).get("resourceVersion")
+        if str(wanted) != str(current):
+            raise kmock.KubernetesError(status=409, reason="Conflict",
+                                        message=f"the object has been modified ({wanted} != {current})")
 
 
 def declare_resources(cluster: kmock.KubernetesEmulator) -> None:

@@ -94,7 +94,19 @@ def _operator(args: argparse.Namespace) -> int:
 
     if not args.namespace and not args.all_namespaces:
         raise SystemExit("kubetrain operator: give --namespace NS (repeatable) or --all-namespaces")
-    return run_operator(args.namespace, args.all_namespaces, args.liveness_port, args.metrics_port, args.verbose)
+    election = None
+    if args.leader_elect:
+        from kubetrain_operator.leader import ElectionConfig, default_namespace
+
+        try:
+            election = ElectionConfig(name=args.lease_name, namespace=args.lease_namespace or default_namespace(),
+                                      lease_seconds=args.lease_duration,
+                                      renew_deadline_seconds=args.lease_duration * 2 / 3,
+                                      retry_seconds=max(0.2, args.lease_duration / 7.5))
+        except ValueError as exc:
+            raise SystemExit(f"kubetrain operator: --lease-duration: {exc}") from None
+    return run_operator(args.namespace, args.all_namespaces, args.liveness_port, args.metrics_port, args.verbose,
+                        election)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
     p.add_argument("--liveness-port", type=int, default=8080, help="Kopf liveness endpoint /healthz (0: off)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics of the operator")
+    p.add_argument("--leader-elect", action="store_true",
+                   help="high availability: only the replica holding a coordination.k8s.io Lease is active")
+    p.add_argument("--lease-name", default="kubetrain-operator", help="the Lease's name")
+    p.add_argument("--lease-namespace", help="the Lease's namespace (default: $POD_NAMESPACE, else the pod's own)")
+    p.add_argument("--lease-duration", type=int, default=15,
+                   help="seconds a standby waits for an unrenewed Lease before taking over (renewal: every 2 s)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_operator)
     return parser

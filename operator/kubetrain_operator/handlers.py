@@ -29,6 +29,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300  # re-list every few minutes: level-triggered even if a watch drops
     settings.execution.max_workers = 4
+    # No CRD/namespace scanning: the served namespaces are named (or all), and the chart installs the CRD
+    # before the operator, so Kopf needs no cluster-wide list/watch on namespaces or CRDs (least privilege).
+    settings.scanning.disabled = True
 
 
 @kopf.on.startup()

@@ -33,6 +33,7 @@ class Kube:
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
         self._limit = asyncio.Semaphore(concurrency)
         self._retries = retries
 
@@ -118,6 +119,37 @@ class Kube:
     async def patch_configmap(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return dict(await self._call(self.core.patch_namespaced_config_map, name, namespace, patch,
                                      _content_type=MERGE_PATCH))
+
+
+    # leader election (leader.py): optimistic concurrency through resourceVersion ---------------------
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._call(self.coordination.read_namespaced_lease, name, namespace))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """None when another candidate created it first."""
+        try:
+            return dict(await self._call(self.coordination.create_namespaced_lease, namespace, body))
+        except KubeError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    async def patch_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the Lease with `body`, which carries the metadata.resourceVersion that was read: the
+        API server applies it only if the Lease is still at that version (409 otherwise: None here)."""
+        try:
+            return dict(await self._call(self.coordination.patch_namespaced_lease, name, namespace, body,
+                                         _content_type=MERGE_PATCH))
+        except KubeError as exc:
+            if exc.status == 409:
+                return None
+            raise
 
 
 def _error(status: int, text: str) -> KubeError:
