@@ -80,6 +80,12 @@ def test_promtool_checks_and_unit_tests_every_alert(tmp_path: Path) -> None:
     # Every alert has a firing case and a quiet one.
     alerts = {r["alert"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]}
     cases = [c for t in yaml.safe_load(tests.read_text())["tests"] for c in t["alert_rule_test"]]
+    runbooks = (ROOT / "docs" / "operations.md").read_text()
+    for group in yaml.safe_load(rules.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+            assert rule["annotations"]["runbook_url"].endswith("operations.md#" + rule["alert"].lower())
+            assert f"\n### {rule['alert']}\n" in runbooks, f"{rule['alert']}: no runbook in docs/operations.md"
     for alert in alerts:
         assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), f"{alert}: no firing case"
         assert any(c["alertname"] == alert and not c["exp_alerts"] for c in cases), f"{alert}: no quiet case"
