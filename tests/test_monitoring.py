@@ -266,18 +266,19 @@ async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared
                     await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
                                      what="the failed reconcile in Prometheus")
                     await asyncio.sleep(3)  # a few more scrapes of the latest checkpoint and eval
-                    await check_queries(http, base, rules)
+                    await check_queries(http, base, rules, tmp_path / "queries.json")
                 finally:
                     await server.cleanup()
     assert time.monotonic() - started < 150
 
 
-async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path) -> None:
-    empty = []
+async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path, report: Path) -> None:
+    empty, answers = [], {}
     for key, expr in dashboard_queries():
         for name, value in sorted(VARIABLES.items(), key=lambda kv: -len(kv[0])):  # $__range_s before $__range
             expr = expr.replace(name, value)
         result = await query(http, base, expr)
+        answers[" / ".join(key)] = {"expr": expr, "result": result}
         if key in NOT_HERE:
             continue
         if not any(r["value"][1] != "NaN" for r in result):  # nothing, or only 0/0
@@ -285,6 +286,7 @@ async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path) -> 
         for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b(?=\{|\[| \)|\))", expr)):
             if not await query(http, base, f'count({{__name__="{metric}"}})'):
                 empty.append(f"{key}: metric {metric} does not exist")
+    report.write_text(json.dumps(answers, indent=1))  # what each panel showed, for a look after a failure
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
     for group in yaml.safe_load(rules.read_text())["groups"]:
