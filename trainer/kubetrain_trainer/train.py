@@ -301,8 +301,8 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step == start_step + 1:  # the optimizer state exists now
-            manager.prepare(model, optimizer)
+        if step == start_step + 1 and cfg.checkpoint.async_save:  # the optimizer state exists now
+            manager.prepare(model, optimizer)  # host buffers for async saves, allocated in the background
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
