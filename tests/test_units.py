@@ -135,3 +135,28 @@ def test_checkpoint_discovery_ignores_uncommitted_and_damaged(tmp_path: Path) ->
     (tmp_path / "step-000000010" / MARKER).write_text(json.dumps({"step": 10, "files": {"data": 10}, "model": "z"}))
     with pytest.raises(ConfigError, match=r"different model architecture"):
         manager.check_compatible(10)
+
+
+def test_staging_buffers_prepared_in_the_background_are_the_ones_saves_use(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager = CheckpointManager(LocalStore(tmp_path), keep=2, rank=0, fingerprints={"model": "m"})
+    manager.prepare(model, optimizer)  # no optimizer state yet: nothing to size the buffers by
+    assert manager._preparing is None
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    manager.prepare(model, optimizer)
+    assert manager._preparing is not None
+    manager._preparing.join()
+    cache = manager._writer_for().state_dict_cache
+    staged = cache["model"]["0.weight"]
+    assert staged.data_ptr() != model[0].weight.data_ptr() and torch.count_nonzero(staged) == 0  # touched, zeroed
+    manager.save(1, model, optimizer, {"step": 1}, asynchronous=True)
+    result = manager.wait()
+    assert result is not None and result.ok
+    assert manager._writer_for().state_dict_cache is cache and torch.equal(staged, model[0].weight.detach())
+    assert manager.latest() == 1
