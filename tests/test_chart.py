@@ -188,7 +188,8 @@ KOPF_NAMESPACED = {
     # Kopf's handler reports and our kopf.event calls.
     ("", "events", "create"),
 }
-# Cluster-scoped, only while settings.scanning.disabled is False (kopf/_core/reactor/observation.py).
+# Cluster-scoped, only while settings.scanning.disabled is False (kopf/_core/reactor/observation.py); the
+# operator turns scanning off (handlers.configure), so these apply only if that changes.
 KOPF_DISCOVERY = {
     # resource_observer: watches CRDs to rescan the served resources when one changes.
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),

@@ -1,7 +1,7 @@
 """Alerts and dashboards against reality: promtool checks and unit-tests the chart's alerts, and a real
-Prometheus (Debian's 2.42, on 127.0.0.1) scrapes a real `kubetrain run` and the real operator (its Kopf
-handlers in-process against kmock, its metrics served over a socket as `kubetrain operator` serves them);
-then every dashboard panel's query and every metric an alert reads must return data."""
+Prometheus (Debian's 2.42, on 127.0.0.1) scrapes a real `kubetrain run` and a real `kubetrain operator
+--leader-elect` process (as the chart runs it) against kmock's Kubernetes emulator; then every dashboard
+panel's query and every metric an alert reads must return data."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,6 @@ from operator_support import (
     PODS_URL,
     Cluster,
     declare_resources,
-    fast_config,
-    running_operator,
     spec_dict,
     wait_until,
     write_kubeconfig,
@@ -55,7 +54,6 @@ NOT_HERE = {
     # Not exported by the operator yet (proposed in docs/operations.md, "Metrics still to add").
     ("training-job", "Restarts", "A"): "kubetrain_operator_job_restarts",
     ("training-job", "Workers", "A"): "kubetrain_operator_job_workers",
-    ("operator", "Leader", "A"): "kubetrain_operator_leader",
 }
 ALERT_METRICS_NOT_HERE = {"kubetrain_operator_job_phase": "not exported by the operator yet (proposed)"}
 
@@ -153,8 +151,18 @@ def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], r
     proc = subprocess.Popen([tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
                              "--storage.tsdb.retention.time=1h"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
+                time.sleep(0.1)
+        yield base
     finally:
         proc.terminate()
         try:
@@ -195,6 +203,36 @@ async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterat
                 await proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def operator_process(tmp_path: Path, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`kubetrain operator` with the chart's arguments and environment (POD_NAME, POD_NAMESPACE from the
+    downward API), against the emulator, with short periods (KUBETRAIN_OPERATOR_* settings)."""
+    import os
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "POD_NAME": "kubetrain-operator-0",
+           "POD_NAMESPACE": NS, "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "0.5",
+           "KUBETRAIN_OPERATOR_PROGRESS_INTERVAL_SECONDS": "0.2", "KUBETRAIN_OPERATOR_ERROR_BACKOFF_SECONDS": "0.1",
+           "KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS": "1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    with (tmp_path / "operator.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "operator", f"--namespace={NS}",
+                                 "--leader-elect", f"--metrics-port={port}", "--liveness-port=0"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            # Off the event loop: the emulator in this loop must keep answering while the operator stops.
+            loop = asyncio.get_running_loop()
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                await loop.run_in_executor(None, proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await loop.run_in_executor(None, proc.wait)
+    assert "Traceback" not in (tmp_path / "operator.log").read_text(), (tmp_path / "operator.log").read_text()[-3000:]
+
+
 async def operator_scenario(cluster: Cluster, trainer_port: int) -> None:
     """Drives the operator through what its dashboard shows: a failed reconcile (injected 503s on pod
     creation), pod creations, running workers whose worker 0 is the live trainer (its /progress is read)."""
@@ -231,15 +269,10 @@ async def fail_worker(cluster: Cluster, name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.kmock(cls=Cluster)
-async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubetrain_operator.metrics import serve
-
+async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared: Path, tmp_path: Path) -> None:
     cluster = kmock
     declare_resources(cluster)
     write_kubeconfig(tmp_path / "kubeconfig", cluster.url)
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     trainer_port, operator_port = free_port(), free_port()
     rules = rules_file(tmp_path / "rules.yaml")
     targets = {"kubetrain-training": (trainer_port, TRAINING_LABELS),
@@ -251,24 +284,22 @@ async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared
         cluster.http = kube_http
         with prometheus(tmp_path, targets, rules) as base:
             async with training_run(tmp_path, prepared, trainer_port) as out, \
-                    running_operator(fast_config()) as memo:
-                server = await serve(lambda: memo.runtime.metrics.exposition(), operator_port, host="127.0.0.1")
-                try:
-                    await operator_scenario(cluster, trainer_port)
-                    await wait_until(lambda: query(http, base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
-                                     timeout=60, what="a /progress read in Prometheus")
-                    await fail_worker(cluster, "scrape-demo-worker-1")  # a restart, counted by reason
-                    # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
-                    await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
-                                     what="two checkpoints of the training run")
-                    await wait_until(lambda: query(http, base, "kubetrain_operator_restarts_total"), timeout=30,
-                                     what="the restart in Prometheus")
-                    await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
-                                     what="the failed reconcile in Prometheus")
-                    await asyncio.sleep(3)  # a few more scrapes of the latest checkpoint and eval
-                    await check_queries(http, base, rules, tmp_path / "queries.json")
-                finally:
-                    await server.cleanup()
+                    operator_process(tmp_path, operator_port):
+                await wait_until(lambda: query(http, base, "kubetrain_operator_leader == 1"), timeout=60,
+                                 what="the operator to lead")
+                await operator_scenario(cluster, trainer_port)
+                await wait_until(lambda: query(http, base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
+                                 timeout=60, what="a /progress read in Prometheus")
+                await fail_worker(cluster, "scrape-demo-worker-1")  # a restart, counted by reason
+                # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
+                await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
+                                 what="two checkpoints of the training run")
+                await wait_until(lambda: query(http, base, "kubetrain_operator_restarts_total"), timeout=30,
+                                 what="the restart in Prometheus")
+                await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
+                                 what="the failed reconcile in Prometheus")
+                await asyncio.sleep(3)  # a few more scrapes of the latest checkpoint and eval
+                await check_queries(http, base, rules, tmp_path / "queries.json")
     assert time.monotonic() - started < 150
 
 
