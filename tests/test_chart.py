@@ -138,6 +138,7 @@ def test_monitoring_objects_select_the_right_targets() -> None:
     sm = one(objs, "ServiceMonitor")
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     pm = one(objs, "PodMonitor")
     assert pm["spec"]["selector"] == {"matchExpressions": [{"key": "kubetrain.io/job-name", "operator": "Exists"}]}
     endpoint = pm["spec"]["podMetricsEndpoints"][0]
