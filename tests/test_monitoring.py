@@ -51,11 +51,8 @@ NOT_HERE = {
     ("training-job", "Tensor core activity", "A"): "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE (dcgm-exporter)",
     ("training-job", "GPU memory used", "A"): "DCGM_FI_DEV_FB_USED (dcgm-exporter)",
     ("training-job", "GPU power", "A"): "DCGM_FI_DEV_POWER_USAGE (dcgm-exporter)",
-    # Not exported by the operator yet (proposed in docs/operations.md, "Metrics still to add").
-    ("training-job", "Restarts", "A"): "kubetrain_operator_job_restarts",
-    ("training-job", "Workers", "A"): "kubetrain_operator_job_workers",
 }
-ALERT_METRICS_NOT_HERE = {"kubetrain_operator_job_phase": "not exported by the operator yet (proposed)"}
+ALERT_METRICS_NOT_HERE: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -143,8 +140,10 @@ def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], r
     """Prometheus on 127.0.0.1 scraping each job's target every second; yields its base URL."""
     port = free_port()
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
-              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{p}"],
-                                                                     "labels": labels}]}
+              # honor_labels as the chart's ServiceMonitor sets it: the operator's per-job metrics keep their
+              # own namespace label instead of exported_namespace.
+              "scrape_configs": [{"job_name": job, "honor_labels": True,
+                                  "static_configs": [{"targets": [f"127.0.0.1:{p}"], "labels": labels}]}
                                  for job, (p, labels) in targets.items()]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (tmp_path / "prometheus.log").open("w")

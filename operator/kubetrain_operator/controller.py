@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from .kube import Kube
-from .metrics import OperatorMetrics
+from .metrics import JobSummary, OperatorMetrics
 from .pods import ObservedPod, observe_pod
 from .progress import fetch_progress, progress_patch
 from .reconcile import OWNED, JobView, Plan, PlannerConfig, apply_merge_patch, plan
@@ -71,8 +71,8 @@ class Runtime:
     def __init__(self, config: OperatorConfig, kube: Kube, session: aiohttp.ClientSession):
         self.config, self.kube, self.session = config, kube, session
         self.wakeups: dict[JobKey, asyncio.Event] = {}
-        self.phases: dict[JobKey, str] = {}
-        self.metrics = OperatorMetrics(lambda: dict(self.phases))
+        self.jobs: dict[JobKey, JobSummary] = {}  # for the metrics, as of each job's last reconcile
+        self.metrics = OperatorMetrics(lambda: dict(self.jobs))
 
     @classmethod
     async def start(cls, config: OperatorConfig) -> Runtime:
@@ -153,7 +153,7 @@ class Reconciler:
         now = time.time()
         p = plan(view, status, self.observed(), now, self.rt.config.planner)
         await self.execute(view, p, now)
-        self.rt.phases[self.key] = p.phase
+        self.rt.jobs[self.key] = JobSummary.of(p.phase, apply_merge_patch(status, p.status_patch or {}))
         self.rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         return min(p.requeue_after if p.requeue_after is not None else self.rt.config.resync_seconds,
                    self.rt.config.resync_seconds)
@@ -241,7 +241,7 @@ async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
     finally:
         if rt.wakeups.get(reconciler.key) is wake:
             del rt.wakeups[reconciler.key]
-        rt.phases.pop(reconciler.key, None)
+        rt.jobs.pop(reconciler.key, None)
 
 
 async def progress_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,

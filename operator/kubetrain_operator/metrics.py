@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -12,22 +14,60 @@ from prometheus_client.registry import Collector
 from .status import PHASES
 
 
-class _PhaseCollector(Collector):
-    def __init__(self, phases: Callable[[], dict[object, str]]):
-        self._phases = phases
+@dataclass(frozen=True)
+class JobSummary:
+    """What the metrics show of one job: its phase and reason, counted restarts and workers by state."""
+
+    phase: str
+    reason: str = ""
+    restarts: int = 0
+    workers: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, phase: str, status: Mapping[str, Any]) -> JobSummary:
+        raw = status.get("workers")
+        workers: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        return cls(phase, str(status.get("reason") or ""), int(status.get("restarts") or 0),
+                   {state: int(workers.get(state) or 0) for state in WORKER_STATES})
+
+
+WORKER_STATES = ("desired", "active", "ready", "failed")
+
+
+class _JobsCollector(Collector):
+    """Gauges read from the operator's current view of its jobs at scrape time (labels: namespace,
+    job_name — as the PodMonitor labels the training pods' metrics, so dashboards join them)."""
+
+    def __init__(self, jobs: Callable[[], Mapping[tuple[str, str], JobSummary]]):
+        self._jobs = jobs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("kubetrain_operator_jobs", "LLMTrainingJobs handled, by phase", labels=["phase"])
+        jobs = dict(self._jobs())
+        by_phase = GaugeMetricFamily("kubetrain_operator_jobs", "LLMTrainingJobs handled, by phase", labels=["phase"])
         counts = dict.fromkeys(PHASES, 0)
-        for phase in self._phases().values():
-            counts[phase] = counts.get(phase, 0) + 1
+        for summary in jobs.values():
+            counts[summary.phase] = counts.get(summary.phase, 0) + 1
         for phase, n in counts.items():
-            family.add_metric([phase], n)
-        yield family
+            by_phase.add_metric([phase], n)
+        yield by_phase
+        phases = GaugeMetricFamily("kubetrain_operator_job_phase", "1 for each job's current phase, with its reason",
+                                  labels=["namespace", "job_name", "phase", "reason"])
+        restarts = GaugeMetricFamily("kubetrain_operator_job_restarts", "Restarts counted (status.restarts)",
+                                     labels=["namespace", "job_name"])
+        workers = GaugeMetricFamily("kubetrain_operator_job_workers", "The job's worker pods by state (status.workers)",
+                                    labels=["namespace", "job_name", "state"])
+        for (namespace, name), summary in sorted(jobs.items()):
+            phases.add_metric([namespace, name, summary.phase, summary.reason], 1)
+            restarts.add_metric([namespace, name], summary.restarts)
+            for state in WORKER_STATES:
+                workers.add_metric([namespace, name, state], summary.workers.get(state, 0))
+        yield phases
+        yield restarts
+        yield workers
 
 
 class OperatorMetrics:
-    def __init__(self, phases: Callable[[], dict[object, str]]):
+    def __init__(self, jobs: Callable[[], Mapping[tuple[str, str], JobSummary]]):
         r = self.registry = CollectorRegistry()
         self.reconcile_seconds = Histogram(
             "kubetrain_operator_reconcile_duration_seconds", "Time to plan and apply one reconcile of a job",
@@ -40,7 +80,7 @@ class OperatorMetrics:
                               ["kind"], registry=r)
         self.progress_reads = Counter("kubetrain_operator_progress_reads", "Reads of worker 0's /progress",
                                       ["result"], registry=r)
-        r.register(_PhaseCollector(phases))
+        r.register(_JobsCollector(jobs))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
