@@ -160,3 +160,34 @@ def test_staging_buffers_prepared_in_the_background_are_the_ones_saves_use(tmp_p
     assert result is not None and result.ok
     assert manager._writer_for().state_dict_cache is cache and torch.equal(staged, model[0].weight.detach())
     assert manager.latest() == 1
+
+
+def test_a_retention_failure_never_fails_or_loses_a_committed_save(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting old checkpoints fails (an immutable directory: not even root may delete in it); the new
+    checkpoint is still reported committed and kept, and the old one is deleted by a later retention."""
+    import subprocess
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    results: list = []
+    manager = CheckpointManager(LocalStore(tmp_path), keep=1, rank=0, fingerprints={"model": "m"},
+                                on_result=results.append)
+    manager.save(1, model, optimizer, {"step": 1}, asynchronous=False)
+    old = tmp_path / "step-000000001"
+    attempt = next(p for p in old.iterdir() if p.is_dir())
+    subprocess.run(["chattr", "+i", str(attempt)], check=True)
+    try:
+        manager.save(2, model, optimizer, {"step": 2}, asynchronous=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(attempt)], check=True)
+    assert [r.ok for r in results] == [True, True]
+    # step 2 is whole; step 1 lost its COMMITTED marker first (it is never half-deleted yet loadable)
+    assert manager.committed_steps() == [2] and manager.latest() == 2 and attempt.exists()
+    assert "could not delete old checkpoints" in caplog.text
+    manager.save(3, model, optimizer, {"step": 3}, asynchronous=False)
+    assert manager.committed_steps() == [3] and manager.latest() == 3 and not old.exists()

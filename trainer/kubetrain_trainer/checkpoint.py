@@ -209,8 +209,9 @@ class CheckpointManager:
             if self.rank == 0:  # DCP returns on rank 0 only after every rank's write succeeded
                 self.store.put(f"{key}/{STATE}", payload.encode())
                 self._commit(step, key)
-                self._retain()
             result = SaveResult(step, True, inflight.blocked, time.perf_counter() - inflight.started, written)
+            if self.rank == 0:
+                self._retain_quietly()  # after the commit is timed and can no longer be undone
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             message = f"{type(exc).__name__}: {_first_cause(exc)}"
             log.error("checkpoint of step %d failed: %s", step, message)
@@ -246,6 +247,15 @@ class CheckpointManager:
         except Exception as exc:  # the store may be unreachable; the next start cleans up
             log.warning("could not clean up the failed save %s (%s)", attempt_key, type(exc).__name__)
 
+    def _retain_quietly(self) -> None:
+        """Retention never fails a committed save (and never deletes it): a store error is only logged,
+        and the next commit (or restart) retries."""
+        try:
+            self._retain()
+        except Exception as exc:
+            log.warning("could not delete old checkpoints (%s: %s); retrying after the next commit",
+                        type(exc).__name__, str(exc)[:200])
+
     def _retain(self) -> None:
         """Delete committed checkpoints beyond the newest `keep`, and uncommitted debris older than the
         newest commit. Runs only right after a commit, so a committed checkpoint always remains."""
@@ -253,6 +263,9 @@ class CheckpointManager:
         keep = set(committed[-self.keep :])
         all_steps = {int(m.group(1)) for key in self._objects() if (m := _STEP_DIR.match(key))}
         for step in sorted(all_steps):
+            if step in committed and step not in keep:
+                # Un-commit first: if deleting the data fails half way, what is left is never loadable.
+                self.store.delete_prefix(f"{step_dir_name(step)}/{MARKER}")
             if (step in committed and step not in keep) or (step not in committed and step < committed[-1]):
                 self.store.delete_prefix(step_dir_name(step) + "/")
 

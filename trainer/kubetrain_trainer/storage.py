@@ -152,9 +152,13 @@ class LocalStore(Store):
 
         target = self.root / prefix
         if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
+            def gone_already(func: Any, path: str, info: Any) -> None:
+                if not isinstance(info[1], FileNotFoundError):  # a concurrent delete is fine; nothing else is
+                    raise info[1]
+
+            shutil.rmtree(target, onerror=gone_already)
         elif target.exists():
-            target.unlink()
+            target.unlink(missing_ok=True)
 
 
 class S3Store(Store):
