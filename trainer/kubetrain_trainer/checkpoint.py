@@ -297,9 +297,13 @@ class CheckpointManager:
         else:
             assert isinstance(self.store, LocalStore)
             reader = FileSystemReader(str(self.store.root / key))
+        t0 = time.perf_counter()
         dcp.load(state, storage_reader=reader)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
+        requests = getattr(reader, "requests", None)
+        log.info("loaded checkpoint %d in %.2fs%s", step, time.perf_counter() - t0,
+                 f" ({requests} ranged GETs by this rank)" if requests is not None else "")
         return dict(json.loads(self.store.get(f"{key}/{STATE}")))
 
 
