@@ -43,17 +43,19 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from s3_support import MotoServer  # noqa: E402
+
 BUCKET = "bench"
 MB = 1e6
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-bench", "AWS_SECRET_ACCESS_KEY": "kubetrain-bench-secret",
@@ -64,49 +66,8 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-bench", "AWS_SECRET_ACCESS_KEY": 
 # the machine and the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Moto:
-    """moto_server on loopback with its temporary files (objects over ~5 MiB) under our temp dir."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.exe = ""
-
-    def start(self) -> None:
-        # The venv's own server (the moto version the project pins), not whatever else is on PATH.
-        own = Path(sys.executable).parent / "moto_server"
-        exe = str(own) if own.exists() else shutil.which("moto_server") or "moto_server"
-        self.exe = exe
-        tmp = self.workdir / "moto-tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        log = (self.workdir / "moto.log").open("ab")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log,
-                                     env={**os.environ, "TMPDIR": str(tmp)})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("moto_server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+class Moto(MotoServer):
+    """The tests' moto_server (tests/s3_support.py), plus the server's memory and CPU for the report."""
 
     def _status(self, field: str) -> float:
         assert self.proc is not None
@@ -373,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server.start()
         results["moto_server"] = server.exe
-        print(f"server: {server.exe} on {server.endpoint} (TMPDIR {server.workdir / 'moto-tmp'})", flush=True)
+        print(f"server: {server.exe} on {server.endpoint} (TMPDIR {server.workdir / 'tmp'})", flush=True)
         spec = S3Spec(endpoint=server.endpoint, region="us-east-1", addressing_style="path",
                       part_size_bytes=args.part_mib * 2**20, object_size_bytes=args.object_mib * 2**20,
                       max_concurrency=args.concurrency)

@@ -29,14 +29,19 @@ def free_port() -> int:
 
 
 class MotoServer:
+    """moto_server on loopback, its temporary files (objects over ~5 MiB) under `workdir`."""
+
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        # The venv's own server (the moto version constraints.txt pins), not whatever else is on PATH.
+        own = Path(sys.executable).parent / "moto_server"
+        self.exe = str(own) if own.exists() else shutil.which("moto_server") or "moto_server"
 
     def start(self) -> None:
-        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        exe = self.exe
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "moto.log").open("ab")
@@ -54,7 +59,11 @@ class MotoServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
