@@ -26,7 +26,15 @@ from conftest import (
 )
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import S3Spec
-from kubetrain_trainer.dcp_storage import S3FileSystem, S3Reader, S3Writer, coalesce_reads, object_key, split_ranges
+from kubetrain_trainer.dcp_storage import (
+    S3FileSystem,
+    S3Reader,
+    S3Writer,
+    coalesce_reads,
+    crc32_b64,
+    object_key,
+    split_ranges,
+)
 from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store
 from s3_support import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
 
@@ -81,6 +89,15 @@ def test_streaming_upload_splits_objects_and_ranged_reads_return_the_bytes(s3: M
     store = S3Store(f"s3://{BUCKET}/stream/", spec_of(s3, maxConcurrency=3))
     fs = S3FileSystem(store)
     payload = os.urandom(23 * 2**20 + 12345)
+    # What the client really sends: every multipart upload declares CRC32 and every part carries the CRC32
+    # of exactly its bytes (real S3 rejects a part whose bytes do not match; moto does not check).
+    sent: list[tuple[str, Any]] = []
+    store.client.meta.events.register("provide-client-params.s3.CreateMultipartUpload",
+                                      lambda params, **_: sent.append(("create", params.get("ChecksumAlgorithm"))))
+    store.client.meta.events.register("provide-client-params.s3.UploadPart", lambda params, **_: sent.append(
+        ("part", params.get("ChecksumCRC32") == crc32_b64(params["Body"]) and len(params["Body"]))))
+    store.client.meta.events.register("provide-client-params.s3.PutObject", lambda params, **_: sent.append(
+        ("put", params.get("ChecksumCRC32") == crc32_b64(params["Body"]) and len(params["Body"]))))
     with fs.create_stream("ckpt/__0_0.distcp", "wb") as stream:
         pos = 0
         for size in (1, 3 * 2**20, 7 * 2**20 + 5, 2**20, len(payload)):  # uneven writes
@@ -96,6 +113,10 @@ def test_streaming_upload_splits_objects_and_ranged_reads_return_the_bytes(s3: M
         got = b"".join(store.get_range(object_key("ckpt/__0_0.distcp", i), within, n) for i, within, n in gets)
         assert got == payload[start : start + length]
     assert incomplete_uploads(s3.client(), BUCKET) == []
+    # two 10 MiB objects of two 5 MiB parts each; the last object, shorter than a part, is one PUT
+    assert [x for x in sent if x[0] != "part"] == [("create", "CRC32")] * 2 + [("put", 3 * 2**20 + 12345)]
+    assert [x for x in sent if x[0] == "part"] == [("part", 5 * 2**20)] * 4
+    assert crc32_b64(b"123456789") == "y/Q5Jg=="  # the CRC-32 check value 0xCBF43926, as S3 encodes it
 
 
 def test_dcp_round_trip_through_s3_coalesces_tensor_reads(s3: MotoServer, world_of_one: None) -> None:
@@ -171,6 +192,33 @@ def test_two_writers_cannot_commit_the_same_step(s3: MotoServer, world_of_one: N
     assert "already committed by another writer" in (results[1].error or "")
     assert store.get(f"step-000000007/{MARKER}") == marker
     assert first.latest() == 7
+
+
+def test_an_object_changed_after_its_commit_is_never_loaded(s3: MotoServer, world_of_one: None,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    store = S3Store(f"s3://{BUCKET}/tamper/", spec_of(s3))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, 12 MiB with AdamW state: multipart, 2 objects
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    manager = CheckpointManager(store, 3, 0, {"model": "m"}, s3=store.spec)
+    for step in (1, 2):
+        manager.save(step, model, opt, {"step": step}, asynchronous=False)
+    marker = json.loads(store.get(f"step-000000002/{MARKER}"))
+    assert all(entry["checksum"].startswith("etag:") for entry in marker["files"].values())
+    assert manager.latest() == 2
+    # Another writer replaces one object of the newest checkpoint with different bytes of the same size:
+    # the listing's sizes still match, its content does not.
+    name = next(n for n, e in marker["files"].items() if n.endswith(".distcp.00000"))
+    key = store.key(f"step-000000002/{name}")
+    data = bytearray(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    assert store.list(f"step-000000002/{name}") == {f"step-000000002/{name}": marker["files"][name]["size"]}
+    with caplog.at_level("WARNING"):
+        assert manager.latest() == 1
+    assert f"checkpoint 2 is damaged ({name} has changed since it was committed" in caplog.text
 
 
 # -- training against S3 --------------------------------------------------------------------------------

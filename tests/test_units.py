@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
@@ -137,9 +138,30 @@ def test_checkpoint_discovery_ignores_uncommitted_and_damaged(tmp_path: Path) ->
         manager.check_compatible(10)
 
 
-def test_staging_buffers_prepared_in_the_background_are_the_ones_saves_use(tmp_path: Path) -> None:
-    import torch.distributed as dist
+def test_a_local_checkpoint_changed_after_its_commit_is_never_loaded(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    manager = CheckpointManager(LocalStore(tmp_path), keep=3, rank=0, fingerprints={"model": "m"})
+    for step in (1, 2):
+        manager.save(step, model, opt, {"step": step}, asynchronous=False)
+    marker = json.loads((tmp_path / "step-000000002" / MARKER).read_text())
+    name = next(n for n in marker["files"] if n.endswith(".distcp"))
+    assert marker["files"][name]["checksum"].startswith("crc32:") and manager.latest() == 2
+    path = tmp_path / "step-000000002" / name
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one flipped bit, same size: bit rot, or a stray writer
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        assert manager.latest() == 1
+    assert f"{name} has changed since it was committed" in caplog.text
 
+
+def test_staging_buffers_prepared_in_the_background_are_the_ones_saves_use(tmp_path: Path) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
@@ -167,8 +189,6 @@ def test_a_retention_failure_never_fails_or_loses_a_committed_save(tmp_path: Pat
     """Deleting old checkpoints fails (an immutable directory: not even root may delete in it); the new
     checkpoint is still reported committed and kept, and the old one is deleted by a later retention."""
     import subprocess
-
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -5,11 +5,12 @@ A checkpoint is `step-NNNNNNNNN/` under the checkpoint URI. Each save attempt wr
 `step-NNNNNNNNN/a-<id>/` (so a second writer of the same step can never overwrite the first's
 objects); every rank writes its shards there with DCP; when DCP reports that all ranks succeeded
 (its metadata is written last by rank 0), rank 0 writes `trainer_state.json` and finally
-`step-NNNNNNNNN/COMMITTED` — a manifest of every object with its size and the attempt, step, world
-size and model/tokenizer fingerprints — with an exclusive write (`If-None-Match: *` on S3, a hard
-link locally), so two writers can never both commit one step. Only committed checkpoints
-whose objects all match the manifest are ever loaded, so a crash, a kill -9 or a network fault
-mid-save leaves the previous committed checkpoint as the one that resumes.
+`step-NNNNNNNNN/COMMITTED` — a manifest of every object with its size and checksum (S3's ETag; a
+CRC32 locally) and the attempt, step, world size and model/tokenizer fingerprints — with an exclusive
+write (`If-None-Match: *` on S3, a hard link locally), so two writers can never both commit one step.
+Only committed checkpoints whose objects all match the manifest (sizes, and checksums for the one
+resumed from) are ever loaded, so a crash, a kill -9, a network fault mid-save or an object changed
+after its commit leaves the previous committed checkpoint as the one that resumes.
 
 Saves are asynchronous by default: the caller is blocked only while state is copied to host memory;
 the write (and the commit) runs in a background thread on a separate gloo process group. At most one
@@ -100,17 +101,34 @@ class CheckpointManager:
                       and key.endswith("/" + MARKER))
 
     def latest(self) -> int | None:
-        """The newest committed checkpoint whose objects all match its manifest."""
+        """The newest committed checkpoint whose objects all match its manifest: sizes for every candidate
+        (from one listing), then content checksums for the one chosen."""
         objects = self._objects()
         for step in reversed(self.committed_steps()):
             try:
                 marker = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
-                prefix = step_dir_name(step) + "/"
-                if all(objects.get(prefix + f) == size for f, size in marker["files"].items()):
+                problem = self._mismatch(step, marker, objects)
+                if problem is None:
                     return step
-                log.warning("checkpoint %s is damaged (objects missing or resized); skipping it", step)
-            except (ValueError, KeyError, OSError) as exc:
+                log.warning("checkpoint %s is damaged (%s); skipping it", step, problem)
+            except (ValueError, KeyError, TypeError, OSError) as exc:
                 log.warning("checkpoint %s has an unreadable manifest (%s); skipping it", step, exc)
+        return None
+
+    def _mismatch(self, step: int, marker: dict[str, Any], objects: dict[str, int]) -> str | None:
+        """Why the stored objects differ from the manifest (missing, resized, changed), or None."""
+        prefix = step_dir_name(step) + "/"
+        files = {name: entry if isinstance(entry, dict) else {"size": entry}  # manifests before checksums
+                 for name, entry in marker["files"].items()}
+        for name, entry in files.items():
+            if objects.get(prefix + name) != entry["size"]:
+                return f"{name} is missing or resized"
+        if any("checksum" in entry for entry in files.values()):
+            sums = self.store.checksums(f"{prefix}{marker['attempt']}/")
+            for name, entry in files.items():
+                if "checksum" in entry and sums.get(prefix + name) != entry["checksum"]:
+                    return f"{name} has changed since it was committed (checksum {sums.get(prefix + name)}, " \
+                           f"manifest {entry['checksum']})"
         return None
 
     def check_compatible(self, step: int) -> dict[str, Any]:
@@ -230,7 +248,8 @@ class CheckpointManager:
     def _commit(self, step: int, attempt_key: str) -> None:
         step_key = step_dir_name(step)
         objects = self.store.list(attempt_key + "/")
-        files = {k[len(step_key) + 1:]: size for k, size in sorted(objects.items())}
+        sums = self.store.checksums(attempt_key + "/")
+        files = {k[len(step_key) + 1:]: {"size": size, "checksum": sums[k]} for k, size in sorted(objects.items())}
         marker = {"step": step, "attempt": attempt_key[len(step_key) + 1:], "worldSize": dist.get_world_size(),
                   "time": time.time(), "files": files, "objectSize": self.s3.object_size_bytes, **self.fingerprints}
         try:
