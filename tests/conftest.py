@@ -128,3 +128,50 @@ def kill9_tree(pid: int) -> None:
 
 def trainer_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# --- the real control plane (tests/cluster) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real kube-apiserver + etcd + controller manager + scheduler, started once per test run. Skips
+    where the binaries are absent, except with CI=true, where that fails the run."""
+    from cluster.controlplane import ControlPlane, missing_assets
+
+    why = missing_assets()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true needs the control plane: {why}", pytrace=False)
+        pytest.skip(why)
+    plane = ControlPlane.start(tmp_path_factory.mktemp("k8s"))
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: Any) -> Any:
+    """The admin client (system:masters) of the control plane."""
+    from cluster.client import Kube
+
+    client = Kube(control_plane.kubeconfig)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(kube: Any, request: pytest.FixtureRequest) -> Any:
+    """A namespace of the test's own (deleted afterwards; the namespace controller removes its objects)."""
+    import re
+    import uuid
+
+    short = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
+    name = f"{short}-{uuid.uuid4().hex[:5]}"
+    kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    # Pods can be created once the serviceaccount controller has made the namespace's default account.
+    wait_for(lambda: kube.find(f"/api/v1/namespaces/{name}/serviceaccounts/default"), timeout=60,
+             what=f"ServiceAccount {name}/default")
+    yield name
+    kube.delete(f"/api/v1/namespaces/{name}")
