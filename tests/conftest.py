@@ -175,3 +175,59 @@ def namespace(kube: Any, request: pytest.FixtureRequest) -> Any:
              what=f"ServiceAccount {name}/default")
     yield name
     kube.delete(f"/api/v1/namespaces/{name}")
+
+
+# --- the operator on the real control plane: its CRD, a node the tests play kubelet for --------------------
+
+
+@pytest.fixture(scope="session")
+def llmtrainingjob_crd(control_plane: Any, kube: Any) -> Any:
+    """manifests/crd.yaml applied as a user would (`kubectl apply`), Established and served."""
+    from cluster.client import kubectl
+
+    kubectl(control_plane.kubeconfig, "apply", "-f", str(ROOT / "manifests" / "crd.yaml"))
+    name = "llmtrainingjobs.kubetrain.io"
+
+    def established() -> bool:
+        crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        return any(c["type"] == "Established" and c["status"] == "True" for c in
+                   (crd.get("status") or {}).get("conditions") or [])
+
+    wait_for(established, timeout=60, what=f"CRD {name} Established")
+    wait_for(lambda: kube.find("/apis/kubetrain.io/v1alpha1/llmtrainingjobs") is not None, timeout=60,
+             what="the LLMTrainingJob API served")
+    return name
+
+
+@pytest.fixture(scope="session")
+def played_node(kube: Any) -> Any:
+    """A Ready Node (kept so by heartbeats) the scheduler binds the operator tests' pods to; no kubelet."""
+    from operator_support import PlayedNode
+
+    node = PlayedNode(kube).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def played_kubelet(kube: Any, namespace: str, played_node: Any, llmtrainingjob_crd: str) -> Any:
+    """The kubelet's part for the test's namespace (operator_support.PlayedKubelet); afterwards it releases
+    the jobs' finalizers and removes the pods, so the namespace can go."""
+    from operator_support import PlayedKubelet
+
+    kubelet = PlayedKubelet(kube, namespace)
+    yield kubelet
+    kubelet.clear()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The control plane plus a bridge network and two local nodes (`node-a`, `node-b`) that run bound
+    pods as processes; the trainer and operator images are this checkout's .venv."""
+    from cluster.bed import LocalCluster
+
+    bed = LocalCluster.start(control_plane, tmp_path_factory.mktemp("nodes"))
+    try:
+        yield bed
+    finally:
+        bed.stop()

@@ -130,9 +130,15 @@ class Kube:
                               timeout=(self.timeout, timeout_seconds + 30)) as resp:
             if resp.status_code >= 300:
                 raise ApiError(resp.status_code, resp.reason, resp.text[:500])
-            for line in resp.iter_lines():
-                if line:
-                    yield json.loads(line)
+            # Each event arrives as one HTTP chunk; iter_lines() would hold a partial read back until
+            # more bytes came (the next event), so read chunk by chunk.
+            buffer = b""
+            for chunk in resp.raw.read_chunked(decode_content=True):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -153,3 +159,19 @@ def kubectl(kubeconfig: Path | str, *args: str, input: str | None = None, check:
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def wait_port(host: str, port: int, timeout: float = 30) -> None:
+    """Until something accepts TCP connections on host:port."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
