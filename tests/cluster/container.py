@@ -108,12 +108,23 @@ class Root:
             if owner is not None:
                 os.chown(current, *owner)
 
-    def _shadow(self, directory: str) -> None:
+    def expose(self, path: str) -> None:
+        """Make every directory above `path` traversable by any user (an image's interpreter is; here it
+        may live under the host's /root, mode 700), by shadowing the ones that are not."""
+        current = "/"
+        for part in os.path.realpath(path).strip("/").split("/"):
+            current = os.path.join(current, part)
+            if not os.path.isdir(current):
+                return
+            if os.stat(current).st_mode & 0o005 != 0o005 and current not in self.ours:
+                self._shadow(current, extra_mode=0o005)
+
+    def _shadow(self, directory: str, extra_mode: int = 0) -> None:
         st = os.stat(directory)
         self.shadows += 1
         staging = f"/.shadow-{self.shadows}"
         os.mkdir(staging)
-        mount("tmpfs", staging, "tmpfs", MS_NOSUID, f"mode={st.st_mode & 0o7777:o}")
+        mount("tmpfs", staging, "tmpfs", MS_NOSUID, f"mode={(st.st_mode & 0o7777) | extra_mode:o}")
         for entry in os.listdir(directory):
             src, dst = f"{directory}/{entry}", f"{staging}/{entry}"
             if os.path.islink(src):
@@ -151,8 +162,24 @@ class Root:
 
 def container_init(spec: dict[str, Any]) -> None:
     """PID 1: set up the filesystem and identity, then exec (never returns)."""
+    # Opened before the root changes: where a failure before the exec is reported.
+    start_error = open(spec["start_error_file"], "w")  # noqa: SIM115
+    try:
+        _init(spec)
+    except BaseException as exc:
+        start_error.write(str(exc) if isinstance(exc, StartError) else
+                          "".join(traceback.format_exception(exc))[-2000:])
+        start_error.close()
+        os._exit(128)
+
+
+def _init(spec: dict[str, Any]) -> None:
+    # Mounts (and pivot_root) in PID 1's own mount namespace: the parent keeps the host's view.
+    _check(libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
     root = Root(spec["rootfs"])
     root.build()
+    for path in spec.get("expose") or []:
+        root.expose(path)
     uid, gid = spec.get("uid"), spec.get("gid")
     owner = (uid, gid if gid is not None else uid) if uid is not None else None
     root.bind(spec["tmp"], "/tmp")
@@ -196,16 +223,8 @@ def main(spec_path: str) -> int:
     _check(libc.unshare(CLONE_NEWPID), "unshare")  # the next child is PID 1 of a new PID namespace
     pid = os.fork()
     if pid == 0:
-        try:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            # Mounts (and pivot_root) in PID 1's own mount namespace: this parent keeps the host's view.
-            _check(libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
-            container_init(spec)
-        except BaseException as exc:
-            message = str(exc) if isinstance(exc, StartError) else "".join(traceback.format_exception(exc))[-2000:]
-            with open(spec["start_error_file"], "w") as f:
-                f.write(message)
-            os._exit(128)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        container_init(spec)
     with open(spec["pid_file"] + ".tmp", "w") as f:
         f.write(str(pid))
     os.rename(spec["pid_file"] + ".tmp", spec["pid_file"])

@@ -39,10 +39,11 @@ class Image:
     workdir: str | None = None
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
+    expose: list[str] = field(default_factory=list)  # host paths the image's users must reach (its interpreter)
 
     def to_json(self) -> dict[str, Any]:
         return {"venv": self.venv, "env": self.env, "user": self.user, "workdir": self.workdir,
-                "entrypoint": self.entrypoint, "cmd": self.cmd}
+                "entrypoint": self.entrypoint, "cmd": self.cmd, "expose": self.expose}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Image:
@@ -89,7 +90,11 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
     path = [p for p in env["PATH"].split(":") if p and p in system]
     env["PATH"] = ":".join([str(venv / "bin"), *path])
     env.update(extra_env or {})
-    return Image(venv=str(venv), env=env, user=user, workdir=workdir, entrypoint=entrypoint, cmd=cmd)
+    import os
+    import sys
+
+    expose = [os.path.realpath(sys.base_prefix), str(venv)]
+    return Image(venv=str(venv), env=env, user=user, workdir=workdir, entrypoint=entrypoint, cmd=cmd, expose=expose)
 
 
 def repository(image: str) -> str:

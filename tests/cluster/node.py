@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -373,7 +372,11 @@ class PodWorker(threading.Thread):
             c.next_start = time.monotonic() + 2
             return
         try:
-            env = rules.container_env(self.pod, c.spec, image, self.node.base_env(self.pod), self.node.env_objects(self.ns))
+            # The downward API sees this node's own view of the pod (its IP before the watch shows it).
+            status = {**(self.pod.get("status") or {}), "podIP": self.ip, "podIPs": [{"ip": self.ip}],
+                      "hostIP": self.node.network.gateway}
+            pod = {**self.pod, "status": status}
+            env = rules.container_env(pod, c.spec, image, self.node.base_env(pod), self.node.env_objects(self.ns))
             command = rules.container_command(c.spec, image, env)
             uid, gid, groups = rules.container_user(self.pod, c.spec, image)
         except rules.ConfigError as exc:
@@ -407,7 +410,8 @@ class PodWorker(threading.Thread):
                 "termination_log": str(tlog), "termination_path": c.spec.get("terminationMessagePath"),
                 "mounts": mounts, "env": env, "command": command, "cwd": c.spec.get("workingDir") or image.workdir,
                 "uid": uid, "gid": gid, "groups": groups, "read_only_root": bool(sc.get("readOnlyRootFilesystem")),
-                "pid_file": str(c.dir / "pid"), "start_error_file": str(c.dir / "start-error")}
+                "pid_file": str(c.dir / "pid"), "start_error_file": str(c.dir / "start-error"),
+                "expose": image.expose}
         (c.dir / "spec.json").write_text(json.dumps(spec))
         logfile = open(c.log_path(), "ab")  # noqa: SIM115 (the child keeps it)
         c.proc = subprocess.Popen([sys.executable, str(SHIM), str(c.dir / "spec.json")], stdout=logfile,
@@ -431,8 +435,8 @@ class PodWorker(threading.Thread):
         code = c.proc.returncode
         start_error = c.dir / "start-error"
         finished = rules.now_iso()
-        if start_error.exists():
-            message = start_error.read_text()
+        message = start_error.read_text() if start_error.exists() else ""
+        if message:
             terminated = {"exitCode": 128, "reason": "StartError", "message": message}
         else:
             written = (c.dir / "termination-log").read_bytes() if (c.dir / "termination-log").exists() else b""
@@ -798,7 +802,8 @@ class NodeAgent:
             w.write_hosts()
 
     def hosts_for(self, pod: dict[str, Any], ip: str) -> str:
-        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in list(self.services.objects.values())}
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s
+                    for s in list(self.services.objects.values())}
         return rules.hosts_file(pod, ip, self.network.gateway, list(self.slices.objects.values()), services)
 
     # -- faults -------------------------------------------------------------------------------------------------
