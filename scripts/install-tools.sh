@@ -5,6 +5,7 @@
 #                               (npm is one of the registries reachable here); sha256 pinned below
 #   prometheus, promtool 2.42   Debian's `prometheus` package, unpacked with dpkg -x; apt checks the .deb against
 #                               the signed archive, and we check the version
+#   etcd, ip, nsenter           Debian's etcd-server, iproute2, util-linux (the test bed: control plane, local node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -60,6 +61,23 @@ if ! has_sha "$BIN/helm3" "$HELM3_SHA256"; then
     install -m 0755 "$tmp/helm/helm" "$BIN/helm3"
     rm -rf "$tmp"
     trap - EXIT
+fi
+
+# The test bed (tests/cluster): etcd for the control plane of ../shared/k8s (Debian's etcd-server; its
+# postinst must not start a system etcd, hence the temporary policy-rc.d), ip and nsenter for the local node.
+need=()
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install-tools: Debian packages ${need[*]}" >&2
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+    apt_install || { apt-get update -qq >/dev/null 2>&1 || true; apt_install; }
+    [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
 # (no `| grep -q` or `| head` on tools' output: with pipefail, an early exit of the reader fails the pipe)

@@ -22,19 +22,20 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-test-key", "AWS_SECRET_ACCESS_KEY
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 class MotoServer:
     """moto_server on loopback, its temporary files (objects over ~5 MiB) under `workdir`."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    def __init__(self, workdir: Path, host: str = "127.0.0.1"):
+        """`host`: the address to bind (the test bed's bridge address, for pods of the local node)."""
+        self.workdir, self.host = workdir, host
+        self.port = free_port(host)
+        self.endpoint = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
         # The venv's own server (the moto version constraints.txt pins), not whatever else is on PATH.
         own = Path(sys.executable).parent / "moto_server"
@@ -45,7 +46,7 @@ class MotoServer:
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "moto.log").open("ab")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log,
+        self.proc = subprocess.Popen([exe, "-H", self.host, "-p", str(self.port)], stdout=log, stderr=log,
                                      env={**os.environ, "TMPDIR": str(tmp)})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
