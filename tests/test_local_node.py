@@ -237,6 +237,26 @@ def test_readiness_probe_and_restart_policy(local_cluster: Any, kube: Kube, name
     assert status["state"]["terminated"]["exitCode"] == 0
 
 
+def test_a_failing_liveness_probe_restarts_the_container_under_restart_policy_always(
+        local_cluster: Any, kube: Kube, namespace: str) -> None:
+    ns = namespace
+    # Alive while /tmp/alive exists; the first run removes it after a moment, the restarted run keeps it
+    # (/tmp is the pod's, so it survives the restart: the marker tells the runs apart).
+    body = pod_manifest("liveness", ["sh", "-c", "if [ -e /tmp/second ]; then touch /tmp/alive; exec sleep 1000; fi; "
+                                     "touch /tmp/alive /tmp/second; sleep 2; rm /tmp/alive; exec sleep 1000"],
+                        restart="Always", grace=1,
+                        livenessProbe={"exec": {"command": ["test", "-e", "/tmp/alive"]}, "periodSeconds": 1,
+                                       "failureThreshold": 2})
+    create(kube, ns, body)
+    pod = wait_for(lambda: (p := get(kube, ns, "liveness")) and container_state(p).get("restartCount") == 1 and
+                   "running" in container_state(p)["state"] and p, timeout=90, what="a liveness restart")
+    last = container_state(pod)["lastState"]["terminated"]
+    assert last["exitCode"] == 137  # sleep as PID 1 ignores SIGTERM: killed after the 1 s grace period
+    assert pod["status"]["phase"] == "Running"
+    events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=liveness")
+    assert {"Unhealthy", "Killing", "BackOff"} <= {e["reason"] for e in events}
+
+
 def test_fallback_to_logs_init_containers_and_unknown_images(local_cluster: Any, kube: Kube, namespace: str) -> None:
     ns = namespace
     create(kube, ns, pod_manifest("crash", ["sh", "-c", "echo first line; echo the reason >&2; exit 3"],

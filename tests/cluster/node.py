@@ -452,8 +452,9 @@ class PodWorker(threading.Thread):
         c.proc = None
         return True
 
-    def stop_containers(self, grace: float, which: list[Container] | None = None) -> None:
-        """SIGTERM to each PID 1, SIGKILL after `grace` seconds."""
+    def stop_containers(self, grace: float, which: list[Container] | None = None, reap: bool = True) -> None:
+        """SIGTERM to each PID 1, SIGKILL after `grace` seconds (`reap`: record the exits here, else the
+        pod's loop does, and restarts them as the restart policy says)."""
         targets = [c for c in (which or self.inits + self.containers) if c.running()]
         for c in targets:
             self.event("Killing", f"Stopping container {c.name}")
@@ -467,7 +468,8 @@ class PodWorker(threading.Thread):
             if c.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     c.proc.wait(timeout=30)
-            self.reap(c)
+            if reap:
+                self.reap(c)
 
     def probe(self, c: Container, kind: str) -> bool | None:
         """Run the container's `kind` probe if it is due; its new result, or None when not run."""
@@ -525,7 +527,7 @@ class PodWorker(threading.Thread):
                     if alive is False and not c.killed_by_liveness:
                         c.killed_by_liveness = True
                         grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
-                        threading.Thread(target=self.stop_containers, args=(grace, [c]), daemon=True).start()
+                        threading.Thread(target=self.stop_containers, args=(grace, [c], False), daemon=True).start()
                 elif c.proc is not None and self.reap(c):
                     if rules.will_restart(self.restart_policy, c.state["terminated"]["exitCode"]):
                         self.back_off(c)
