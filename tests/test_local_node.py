@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -492,3 +493,16 @@ def test_pod_phase_and_termination_messages() -> None:
     assert rules.termination_message(b"", logs, "FallbackToLogsOnError", 1).splitlines()[0] == "line 120"
     assert rules.termination_message(b"", logs, "FallbackToLogsOnError", 0) == ""
     assert rules.termination_message(b"mine", logs, "FallbackToLogsOnError", 1) == "mine"
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_a_missing_control_plane_skips_outside_ci_and_fails_the_run_in_ci(ci: str, tmp_path: Path) -> None:
+    env = {**os.environ, "KUBETRAIN_K8S_ASSETS": str(tmp_path / "nowhere"), "CI": ci}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                             "tests/test_local_node.py::test_missing_configmap_and_secret_keys_wait_with_a_reason"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "nowhere/up.sh is missing" in result.stdout, result.stdout
+    if ci:
+        assert result.returncode != 0 and "CI=true needs the control plane" in result.stdout
+    else:
+        assert result.returncode == 0 and "1 skipped" in result.stdout
