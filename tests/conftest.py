@@ -200,6 +200,41 @@ def llmtrainingjob_crd(control_plane: Any, kube: Any) -> Any:
 
 
 @pytest.fixture(scope="session")
+def llmtrainingjob_gc(llmtrainingjob_crd: str, kube: Any) -> None:
+    """Until the garbage collector collects what an LLMTrainingJob owns. It learns of a new CRD at its next
+    discovery sync (every 30 s); a dependent whose owner it cannot map waits for that, as on any cluster.
+    Probes: a job owning a ConfigMap (in a namespace of their own) is deleted, until its ConfigMap goes too."""
+    import functools
+
+    from cluster.client import ns_path
+
+    ns = "kubetrain-gc-probe"
+    if kube.find(f"/api/v1/namespaces/{ns}") is None:
+        kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    jobs = ns_path(ns, "llmtrainingjobs", group="kubetrain.io", version="v1alpha1")
+
+    def absent(path: str) -> bool:
+        return kube.find(path) is None
+
+    deadline = time.monotonic() + 90
+    while True:
+        job = kube.create(jobs, {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob",
+                                 "metadata": {"generateName": "gc-probe-"}, "spec": {"data": {"train": "/d"}}})
+        owner = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob", "name": job["metadata"]["name"],
+                 "uid": job["metadata"]["uid"]}
+        cm = kube.create(ns_path(ns, "configmaps"), {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+            "name": job["metadata"]["name"], "ownerReferences": [owner]}})
+        kube.delete(f"{jobs}/{job['metadata']['name']}")
+        dependent = ns_path(ns, "configmaps", cm["metadata"]["name"])
+        try:
+            wait_for(functools.partial(absent, dependent), timeout=3, what="the probe collected")
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+@pytest.fixture(scope="session")
 def played_node(kube: Any) -> Any:
     """A Ready Node (kept so by heartbeats) the scheduler binds the operator tests' pods to; no kubelet."""
     from operator_support import PlayedNode

@@ -1,5 +1,6 @@
-"""Helpers for the operator tests: specs, pods, an in-memory cluster for the planner, and a Kubernetes
-emulator (kmock) completed with what a real API server does that the operator relies on."""
+"""Helpers for the operator tests: specs, pods, an in-memory cluster for the planner, and for the tests
+against a real API server (tests/cluster): a Node the real scheduler binds worker pods to, the kubelet's
+part played by the test (`PlayedKubelet`), LLMTrainingJob requests (`Jobs`), and the operator in-process."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import asyncio
 import collections.abc
 import contextlib
 import copy
+import datetime as _dt
 import itertools
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cluster.client import ApiError, Kube, ns_path
 from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.reconcile import JobView, Plan, PlannerConfig, apply_merge_patch, plan
 from kubetrain_operator.render import JobRef
@@ -145,117 +150,268 @@ async def cancelled_on_exit(coro: Awaitable[Any]) -> AsyncIterator[asyncio.Task[
             await task
 
 
-# --- the Kubernetes emulator ----------------------------------------------------------------------------
+# --- a real API server; the tests play kubelet ------------------------------------------------------------
 
-import datetime as _dt  # noqa: E402
-import uuid  # noqa: E402
-
-import jsonpatch  # noqa: E402
-import kmock  # noqa: E402
-from kmock._internal import enums as _kmock_enums  # noqa: E402
-
-NS = "ml"
-JOBS_URL = f"/apis/kubetrain.io/v1alpha1/namespaces/{NS}/llmtrainingjobs"
-PODS_URL = f"/api/v1/namespaces/{NS}/pods"
-JOBS = "kubetrain.io/v1alpha1/llmtrainingjobs"
-MERGE = {"Content-Type": "application/merge-patch+json"}
+GROUP, VERSION, PLURAL = "kubetrain.io", "v1alpha1", "llmtrainingjobs"
+FINALIZER = f"{GROUP}/finalizer"
+PLAYED_NODE = "kubetrain-played-node"
+PLAYED_TAINT = "kubetrain.io/played-kubelet"
+POD_IP = "127.0.0.1"  # every pod's IP as the played kubelet reports it: tests serve /progress there
+CONTAINER = "trainer"
+EXIT_SIGTERM = 143  # the trainer's exit after SIGTERM, once it has committed a checkpoint
+log = logging.getLogger(__name__)
 
 
-class Cluster(kmock.KubernetesEmulator):
-    """kmock's emulator plus what a real API server adds and the operator relies on: metadata.uid,
-    creationTimestamp, generation and resourceVersion, generateName, generation bumped when a job's spec
-    changes, the scale subresource mapped to spec.workers.nodes, 422 for a stale JSON-patch test, no
-    stale versions in a watch stream; and failures injected into pod creations (to stop the operator in
-    the middle of creating a job's pods)."""
+def placement() -> dict[str, Any]:
+    """The podTemplate part that puts a job's workers on the played node (and tolerates its taint)."""
+    return {"nodeSelector": {"kubernetes.io/hostname": PLAYED_NODE},
+            "tolerations": [{"key": PLAYED_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}
 
-    http: Any = None  # the tests' own client session
-    fail_pods_after: int | None = None  # pod creations beyond this many get 503
-    pods_seen: int = 0
-    versions: int = 0
 
-    async def _handle(self, request: Any) -> Any:
-        writes = (_kmock_enums.action.CREATE, _kmock_enums.action.UPDATE)
-        if request.resource is not None and request.action in writes:
-            if request.action == _kmock_enums.action.UPDATE and isinstance(request.data, dict):
-                self._check_precondition(request)
-            self.versions += 1
-            if isinstance(request.data, list):  # a JSON patch (Kopf's finalizers test resourceVersion)
-                request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self.versions)})
-            elif isinstance(request.data, dict):
-                request.data.setdefault("metadata", {})["resourceVersion"] = str(self.versions)
-        data = request.data if isinstance(request.data, dict) else None
-        if request.resource is not None and data is not None:
-            meta = data.setdefault("metadata", {})
-            if request.action == _kmock_enums.action.CREATE:
-                meta.setdefault("uid", str(uuid.uuid4()))
-                if not meta.get("name") and meta.get("generateName"):
-                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-                meta.setdefault("creationTimestamp", _dt.datetime.now(_dt.timezone.utc).isoformat())
-                meta.setdefault("namespace", request.namespace)
-                meta.setdefault("generation", 1)
-                if str(request.resource) == "v1/pods" or getattr(request.resource, "plural", None) == "pods":
-                    self.pods_seen += 1
-                    if self.fail_pods_after is not None and self.pods_seen > self.fail_pods_after:
-                        raise kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="injected")
-            elif request.action == _kmock_enums.action.UPDATE and request.subresource == "scale":
-                # What the API server does with the CRD's scale subresource: replicas → spec.workers.nodes.
-                replicas = data.get("spec", {}).get("replicas")
-                data.clear()
-                data["spec"] = {"workers": {"nodes": replicas}}
-                meta = data.setdefault("metadata", {})
-                meta["resourceVersion"] = str(self.versions)
-            if request.action == _kmock_enums.action.UPDATE and request.subresource in (None, "scale") \
-                    and "spec" in data:
-                key = (request.resource, request.namespace, request.name)
-                if key in self.objects and not self.objects[key].deleted:
-                    current = dict(self.objects[key]).get("metadata", {}).get("generation", 1)
-                    meta["generation"] = int(current) + 1
-            if not data.get("metadata"):
-                data.pop("metadata", None)
+def e2e_job(name: str, namespace: str, **sections: Any) -> dict[str, Any]:
+    """An LLMTrainingJob manifest (spec_dict) whose workers are scheduled onto the played node."""
+    spec = spec_dict(**sections)
+    template = spec["workers"].setdefault("podTemplate", {})
+    for key, value in placement().items():
+        template.setdefault(key, value)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMTrainingJob",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def stamp(micro: bool = False) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def poll(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """`wait_until` for synchronous code (fixtures): polls every 20 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class PlayedNode:
+    """A Node object that the real scheduler binds the tests' worker pods to. It is kept Ready as a kubelet
+    keeps its node: by renewing its Lease in kube-node-lease (the node lifecycle controller's heartbeat;
+    without it the node turns NotReady after 50 s and its pods are tainted for eviction). Its own taint keeps
+    other tests' pods off it; `placement()` tolerates it. Nothing runs there: see PlayedKubelet."""
+
+    def __init__(self, kube: Kube, name: str = PLAYED_NODE, renew_seconds: float = 5.0):
+        self.kube, self.name, self.renew_seconds = kube, name, renew_seconds
+        self.lease = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+
+    def start(self) -> PlayedNode:
+        now, capacity = stamp(), {"cpu": "64", "memory": "256Gi", "pods": "1000"}
+        node = self.kube.create("/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name,
+                         "labels": {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux"}},
+            "spec": {"taints": [{"key": PLAYED_TAINT, "value": "true", "effect": "NoSchedule"}]},
+            "status": {"capacity": capacity, "allocatable": capacity,
+                       "addresses": [{"type": "InternalIP", "address": POD_IP},
+                                     {"type": "Hostname", "address": self.name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "played by the tests", "lastHeartbeatTime": now,
+                                       "lastTransitionTime": now}]}})
+        self.uid = node["metadata"]["uid"]
+        self._renew()
+        self._thread.start()
+        # The NodeTaint admission plugin taints every new node not-ready; the node lifecycle controller lifts
+        # the taint once it has seen the Ready condition.
+        poll(lambda: [t["key"] for t in self.kube.get(f"/api/v1/nodes/{self.name}")["spec"].get("taints", [])]
+             == [PLAYED_TAINT], timeout=60, what=f"node {self.name} without the not-ready taint")
+        return self
+
+    def _renew(self) -> None:
+        spec = {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": stamp(micro=True)}
         try:
-            return await super()._handle(request)
-        except jsonpatch.JsonPatchTestFailed as exc:  # a stale resourceVersion: 422 as from a real server
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+            self.kube.patch(self.lease, {"spec": spec})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            owner = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.uid}
+            self.kube.create(self.lease.rsplit("/", 1)[0], {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": self.name, "ownerReferences": [owner]}, "spec": spec})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.renew_seconds):
+            try:
+                self._renew()
+            except Exception as exc:  # a missed beat; the next one retries well within the grace period
+                log.warning("node heartbeat failed: %r", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.kube.delete(f"/api/v1/nodes/{self.name}")
+        self.kube.delete(self.lease)
 
 
-    def _check_precondition(self, request: Any) -> None:
-        """A merge patch that names metadata.resourceVersion applies only to that version (409 otherwise),
-        as on a real API server: what leader election relies on."""
-        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
-        key = (request.resource, request.namespace, request.name)
-        if wanted is None or key not in self.objects or self.objects[key].deleted:
-            return
-        current = dict(self.objects[key]).get("metadata", {}).get("resourceVersion")
-        if str(wanted) != str(current):
-            raise kmock.KubernetesError(status=409, reason="Conflict",
-                                        message=f"the object has been modified ({wanted} != {current})")
+class PlayedKubelet:
+    """The kubelet's part for the pods of one namespace on the played node. It writes their status through
+    the /status subresource as a kubelet does (strategic merge patches; the pod's uid in the body, so a
+    status never lands on a recreated pod of the same name): phase, host and pod IPs, conditions, container
+    states with exit codes. While `running()`, it finishes graceful deletions: a bound pod deleted with a
+    grace period stays Terminating (deletionTimestamp) until its kubelet has stopped it; this one "sends
+    SIGTERM" (the trainer exits 143), then deletes the pod with gracePeriodSeconds 0. Pods named in
+    `stuck` are left Terminating, as on a lost node."""
+
+    def __init__(self, kube: Kube, namespace: str, node: str = PLAYED_NODE):
+        self.kube, self.namespace, self.node = kube, namespace, node
+        self.stuck: set[str] = set()
+        self.finished: list[str] = []  # the pods whose graceful deletion it completed, in order
+
+    def path(self, name: str | None = None) -> str:
+        return ns_path(self.namespace, "pods", name)
+
+    def pods(self, job: str = "job") -> dict[str, dict[str, Any]]:
+        """The job's worker pods (Terminating ones included, as `kubectl get pods` shows them)."""
+        items = self.kube.list(self.path(), labelSelector=f"kubetrain.io/job-name={job}")
+        return {p["metadata"]["name"]: p for p in items}
+
+    def uids(self, job: str = "job") -> dict[str, str]:
+        return {name: p["metadata"]["uid"] for name, p in self.pods(job).items()}
+
+    def _bound(self, name: str) -> dict[str, Any] | None:
+        pod = self.kube.find(self.path(name))
+        if pod is None or not pod["spec"].get("nodeName"):
+            return None
+        assert pod["spec"]["nodeName"] == self.node, f"{name} was bound to {pod['spec']['nodeName']}"
+        return dict(pod)
+
+    async def run(self, name: str, ready: bool = True) -> None:
+        """Once the scheduler has bound it: the container started (and ready), at POD_IP."""
+        pod = await wait_until(lambda: self._bound(name), what=f"{name} bound to {self.node} by the scheduler")
+        now = stamp()
+        image = pod["spec"]["containers"][0]["image"]
+        ready_ = "True" if ready else "False"
+        self._write(pod, {
+            "phase": "Running", "hostIP": POD_IP, "hostIPs": [{"ip": POD_IP}], "podIP": POD_IP,
+            "podIPs": [{"ip": POD_IP}], "startTime": now,
+            "conditions": [{"type": t, "status": s, "lastTransitionTime": now} for t, s in
+                           (("Initialized", "True"), ("ContainersReady", ready_), ("Ready", ready_))],
+            "containerStatuses": [{"name": CONTAINER, "image": image, "imageID": "", "ready": ready,
+                                   "restartCount": 0, "started": True, "state": {"running": {"startedAt": now}}}]})
+
+    async def run_all(self, job: str = "job") -> None:
+        for name, pod in self.pods(job).items():
+            if not pod["metadata"].get("deletionTimestamp"):
+                await self.run(name)
+
+    def exit(self, name: str, code: int, message: str = "", reason: str | None = None) -> None:
+        """The container exited with `code` (restartPolicy Never: the pod's phase follows)."""
+        pod = self._bound(name)
+        assert pod is not None, f"{name} is not bound"
+        self._write(pod, self._exited(pod, code, message, reason))
+
+    def _exited(self, pod: dict[str, Any], code: int, message: str, reason: str | None) -> dict[str, Any]:
+        now = stamp()
+        started = ((pod.get("status", {}).get("containerStatuses") or [{}])[0].get("state", {})
+                   .get("running", {}).get("startedAt", now))
+        term = {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error"), "startedAt": started,
+                "finishedAt": now, **({"message": message} if message else {})}
+        return {"phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+                               for t in ("ContainersReady", "Ready")],
+                "containerStatuses": [{"name": CONTAINER, "image": pod["spec"]["containers"][0]["image"],
+                                       "imageID": "", "ready": False, "restartCount": 0, "started": False,
+                                       "state": {"terminated": term}}]}
+
+    def _write(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        self.kube.patch(self.path(pod["metadata"]["name"]) + "/status",
+                        {"metadata": {"uid": pod["metadata"]["uid"]}, "status": status}, patch_type="strategic")
+
+    def finish(self, pod: dict[str, Any]) -> None:
+        """A Terminating pod: its container stops on SIGTERM (exit 143), then the pod is deleted for good."""
+        meta = pod["metadata"]
+        self.finished.append(meta["name"])  # before the pod is gone: whoever sees it gone sees this
+        try:
+            if pod.get("status", {}).get("phase") == "Running":
+                self._write(pod, self._exited(pod, EXIT_SIGTERM, "", None))
+            self.kube.delete(self.path(meta["name"]), {"gracePeriodSeconds": 0,
+                                                      "preconditions": {"uid": meta["uid"]}})
+        except ApiError as exc:
+            self.finished.remove(meta["name"])  # not this kubelet's doing
+            if exc.status not in (404, 409, 422):  # gone or replaced meanwhile
+                raise
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[PlayedKubelet]:
+        """Finishes graceful deletions in the background (polls every 50 ms)."""
+
+        async def reap() -> None:
+            while True:
+                try:
+                    for pod in await asyncio.to_thread(self.kube.list, self.path()):
+                        if pod["metadata"].get("deletionTimestamp") and pod["metadata"]["name"] not in self.stuck:
+                            await asyncio.to_thread(self.finish, pod)
+                except Exception as exc:  # the API server restarting, a pod changing meanwhile: next round
+                    log.warning("played kubelet: %r", exc)
+                await asyncio.sleep(0.05)
+
+        async with cancelled_on_exit(reap()):
+            yield self
+
+    def clear(self) -> None:
+        """After a test, with the operator stopped: release the jobs' finalizers and remove the pods (a
+        kubelet would have), so that the namespace can be deleted."""
+        jobs = ns_path(self.namespace, PLURAL, group=GROUP, version=VERSION)
+        for job in self.kube.list(jobs):
+            if job["metadata"].get("finalizers"):
+                self.kube.patch(f"{jobs}/{job['metadata']['name']}", {"metadata": {"finalizers": None}})
+        for pod in self.kube.list(self.path()):
+            self.kube.delete(self.path(pod["metadata"]["name"]), {"gracePeriodSeconds": 0})
 
 
-def declare_resources(cluster: kmock.KubernetesEmulator) -> None:
-    cluster.resources.load_bundled()
-    cluster.resources[JOBS] = kmock.ResourceInfo(
-        kind="LLMTrainingJob", singular="llmtrainingjob", namespaced=True, shortnames={"ltj", "llmjob"},
-        verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status", "scale"})
+class Jobs:
+    """The tests' own LLMTrainingJob requests in one namespace (what a user does with kubectl)."""
+
+    def __init__(self, kube: Kube, namespace: str):
+        self.kube, self.namespace = kube, namespace
+
+    def path(self, name: str | None = None) -> str:
+        return ns_path(self.namespace, PLURAL, name, group=GROUP, version=VERSION)
+
+    def manifest(self, name: str = "job", **sections: Any) -> dict[str, Any]:
+        return e2e_job(name, self.namespace, **sections)
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.kube.create(self.path(), manifest))
+
+    def get(self, name: str = "job") -> dict[str, Any] | None:
+        return self.kube.find(self.path(name))
+
+    def status(self, name: str = "job") -> dict[str, Any]:
+        return (self.get(name) or {}).get("status") or {}
+
+    def phase_is(self, phase: str, name: str = "job") -> Callable[[], bool]:
+        return lambda: self.status(name).get("phase") == phase
+
+    def patch_spec(self, spec: dict[str, Any], name: str = "job") -> dict[str, Any]:
+        return dict(self.kube.patch(self.path(name), {"spec": spec}))
+
+    def scale(self, replicas: int, name: str = "job") -> dict[str, Any]:
+        return dict(self.kube.patch(self.path(name) + "/scale", {"spec": {"replicas": replicas}}))
+
+    def events(self, name: str = "job") -> list[str]:
+        """The job's Events, found by the server's field selector."""
+        items = self.kube.list(ns_path(self.namespace, "events"),
+                               fieldSelector=f"involvedObject.kind=LLMTrainingJob,involvedObject.name={name}")
+        return [f"{e.get('reason')}: {e.get('message')}" for e in items]
+
+    def has_event(self, prefix: str, name: str = "job") -> Callable[[], bool]:
+        return lambda: any(e.startswith(prefix) for e in self.events(name))
 
 
-def write_kubeconfig(path: Any, url: Any) -> None:
-    path.write_text(f"""
-apiVersion: v1
-kind: Config
-current-context: emulator
-clusters:
-  - name: emulator
-    cluster: {{server: "{str(url).rstrip('/')}"}}
-users:
-  - name: emulator
-    user: {{token: test}}
-contexts:
-  - name: emulator
-    context: {{cluster: emulator, user: emulator, namespace: {NS}}}
-""")
-
-
-FAST = None  # set below (imports kopf-free controller config)
+# --- the operator in this process -----------------------------------------------------------------------
 
 
 def fast_config(**planner: Any) -> Any:
@@ -275,25 +431,24 @@ class _NotTheOperators(collections.abc.Container):  # type: ignore[type-arg]
             return True
         code = getattr(task.get_coro(), "cr_code", None)
         filename = code.co_filename if code is not None else ""
-        return "aiohttp" in filename or "kmock" in filename or "pytest_asyncio" in filename
+        return "aiohttp" in filename or "pytest_asyncio" in filename or filename == __file__
 
 
 @contextlib.asynccontextmanager
-async def running_operator(config: Any = None, namespaces: tuple[str, ...] = (NS,)) -> AsyncIterator[Any]:
-    """The real operator (all its Kopf handlers) in this event loop, as `kubetrain operator` runs it;
-    yields the Kopf memo (memo.runtime is the operator's Runtime)."""
+async def running_operator(namespace: str, config: Any = None) -> AsyncIterator[Any]:
+    """The real operator (all its Kopf handlers) in this event loop, as `kubetrain operator -n NAMESPACE`
+    runs it, against $KUBECONFIG; yields the Kopf memo (memo.runtime is the operator's Runtime)."""
     import kopf
     from kubetrain_operator import handlers
 
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
-    settings.scanning.disabled = True  # no CRD/namespace discovery against the emulator
     memo = kopf.Memo(config=config or fast_config())
     stop, ready = asyncio.Event(), asyncio.Event()
     # kopf.operator() = spawn_tasks + run_tasks; at exit, run_tasks waits for (then cancels) every task
-    # started since, which here includes the emulator's own request handlers: leave those alone.
+    # started since, which here includes the tests' own (a /progress server, the played kubelet): leave those.
     foreign = _NotTheOperators(asyncio.all_tasks())
-    tasks = await kopf.spawn_tasks(settings=settings, namespaces=list(namespaces), standalone=True,
+    tasks = await kopf.spawn_tasks(settings=settings, namespaces=[namespace], standalone=True,
                                    stop_flag=stop, ready_flag=ready, memo=memo)
     task = asyncio.ensure_future(kopf.run_tasks(tasks, ignored=foreign))
     try:

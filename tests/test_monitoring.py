@@ -1,7 +1,8 @@
 """Alerts and dashboards against reality: promtool checks and unit-tests the chart's alerts, and a real
 Prometheus (Debian's 2.42, on 127.0.0.1) scrapes a real `kubetrain run` and a real `kubetrain operator
---leader-elect` process (as the chart runs it) against kmock's Kubernetes emulator; then every dashboard
-panel's query and every metric an alert reads must return data."""
+--leader-elect` process (as the chart runs it) against a real Kubernetes API server (tests/cluster; the test
+plays the kubelet of the job's pods); then every dashboard panel's query and every metric an alert reads must
+return data."""
 
 from __future__ import annotations
 
@@ -22,27 +23,27 @@ from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 import yaml
 from chart_support import CHART, ROOT, rules_file, script, tool
+from cluster.client import Kube, ns_path
 from conftest import job_manifest, read_events, write_manifest
-from operator_support import (
-    JOBS_URL,
-    MERGE,
-    NS,
-    PODS_URL,
-    Cluster,
-    declare_resources,
-    spec_dict,
-    wait_until,
-    write_kubeconfig,
-)
+from operator_support import Jobs, PlayedKubelet, wait_until
 
-TRAINING_LABELS = {"namespace": "ml", "job_name": "scrape-demo", "pod": "scrape-demo-worker-0"}
+JOB = "scrape-demo"
 OPERATOR_JOB = "kubetrain-metrics"  # the chart's metrics Service: the ServiceMonitor's job label
-# Grafana's variables, as a dashboard user would have them for this run.
-VARIABLES = {"$namespace": TRAINING_LABELS["namespace"], "$job_name": TRAINING_LABELS["job_name"],
-             "$operator_job": OPERATOR_JOB, "$__rate_interval": "10s", "$__interval": "1s",
-             "$__range_s": "30", "$__range": "30s"}
+
+
+def training_labels(namespace: str) -> dict[str, str]:
+    """What Prometheus' pod discovery would attach to worker 0's metrics."""
+    return {"namespace": namespace, "job_name": JOB, "pod": f"{JOB}-worker-0"}
+
+
+def variables(namespace: str) -> dict[str, str]:
+    """Grafana's variables, as a dashboard user would have them for this run."""
+    return {"$namespace": namespace, "$job_name": JOB, "$operator_job": OPERATOR_JOB, "$__rate_interval": "10s",
+            "$__interval": "1s", "$__range_s": "30", "$__range": "30s"}
+
 
 # Queries that cannot return data here, each with its reason. Keep this short: anything else must work.
 NOT_HERE = {
@@ -203,24 +204,25 @@ async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterat
 
 
 @contextlib.asynccontextmanager
-async def operator_process(tmp_path: Path, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def operator_process(tmp_path: Path, kubeconfig: Path, namespace: str,
+                           port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
     """`kubetrain operator` with the chart's arguments and environment (POD_NAME, POD_NAMESPACE from the
-    downward API), against the emulator, with short periods (KUBETRAIN_OPERATOR_* settings)."""
+    downward API), against the API server, with short periods (KUBETRAIN_OPERATOR_* settings)."""
     import os
 
-    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "POD_NAME": "kubetrain-operator-0",
-           "POD_NAMESPACE": NS, "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "0.5",
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "kubetrain-operator-0",
+           "POD_NAMESPACE": namespace, "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "0.5",
            "KUBETRAIN_OPERATOR_PROGRESS_INTERVAL_SECONDS": "0.2", "KUBETRAIN_OPERATOR_ERROR_BACKOFF_SECONDS": "0.1",
            "KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS": "1"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with (tmp_path / "operator.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "operator", f"--namespace={NS}",
+        proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "operator", f"--namespace={namespace}",
                                  "--leader-elect", f"--metrics-port={port}", "--liveness-port=0"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             yield proc
         finally:
-            # Off the event loop: the emulator in this loop must keep answering while the operator stops.
+            # Off the event loop: the played kubelet in this loop keeps finishing deletions meanwhile.
             loop = asyncio.get_running_loop()
             if proc.poll() is None:
                 proc.terminate()
@@ -232,64 +234,59 @@ async def operator_process(tmp_path: Path, port: int) -> AsyncIterator[subproces
     assert "Traceback" not in (tmp_path / "operator.log").read_text(), (tmp_path / "operator.log").read_text()[-3000:]
 
 
-async def operator_scenario(cluster: Cluster, trainer_port: int) -> None:
-    """Drives the operator through what its dashboard shows: a failed reconcile (injected 503s on pod
-    creation), pod creations, running workers whose worker 0 is the live trainer (its /progress is read)."""
-    http = cluster.http
-    cluster.fail_pods_after = 0
-    manifest = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob",
-                "metadata": {"name": "scrape-demo", "namespace": NS},
-                "spec": spec_dict(metrics={"port": trainer_port}, runPolicy={"restartBackoffSeconds": 0})}
-    async with http.post(JOBS_URL, json=manifest) as resp:
-        assert resp.status in (200, 201), await resp.text()
-
-    def pods() -> list[str]:
-        return sorted(name for (res, ns, name), o in list(cluster.objects.items())
-                      if res.plural == "pods" and ns == NS and not o.deleted)
-
-    await wait_until(lambda: cluster.pods_seen >= 2, timeout=30, what="failed pod creations")
-    await asyncio.sleep(4)  # the client's retries (0.2 + 0.4 + 0.8 + 1.6 s) run out: one failed reconcile
-    cluster.fail_pods_after = None
-    await wait_until(lambda: len(pods()) == 2, timeout=30, what="2 worker pods")
-    for name in pods():  # kubelet's part: running, at the trainer's address (worker 0 serves /progress)
-        body = {"status": {"phase": "Running", "podIP": "127.0.0.1",
-                           "conditions": [{"type": "Ready", "status": "True"}]}}
-        async with http.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
-            assert resp.status == 200
+def reconcile_errors(port: int) -> float:
+    """The operator's own count of failed reconciles, read off its /metrics."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('kubetrain_operator_errors_total{kind="reconcile"}'))
 
 
-async def fail_worker(cluster: Cluster, name: str) -> None:
-    body = {"status": {"phase": "Failed", "podIP": "127.0.0.1", "containerStatuses": [{"name": "trainer", "state": {
-        "terminated": {"exitCode": 137, "reason": "Error", "message": ""}}}]}}
-    async with cluster.http.patch(f"{PODS_URL}/{name}/status", json=body, headers=MERGE) as resp:
-        assert resp.status == 200
+async def operator_scenario(jobs: Jobs, kubelet: PlayedKubelet, trainer_port: int, operator_port: int) -> None:
+    """Drives the operator through what its dashboard shows: a failed reconcile (a ResourceQuota of no pods:
+    the API server refuses the pod creations), pod creations, running workers whose worker 0 is the live
+    trainer (its /progress is read)."""
+    kube, namespace = jobs.kube, jobs.namespace
+    quotas = ns_path(namespace, "resourcequotas")
+    kube.create(quotas, {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+                         "spec": {"hard": {"pods": "0"}}})
+    await wait_until(lambda: kube.get(f"{quotas}/no-pods").get("status", {}).get("hard"), what="the quota's status")
+    jobs.create(jobs.manifest(JOB, metrics={"port": trainer_port}, runPolicy={"restartBackoffSeconds": 0}))
+    await wait_until(lambda: asyncio.to_thread(reconcile_errors, operator_port), timeout=30,
+                     what="a reconcile failing on the quota")
+    kube.delete(f"{quotas}/no-pods")
+    await wait_until(lambda: len(kubelet.pods(JOB)) == 2, timeout=30, what="2 worker pods")
+    await kubelet.run_all(JOB)  # running, at the trainer's address (worker 0 serves /progress)
+
+
+@pytest_asyncio.fixture
+async def kubelet(played_kubelet: PlayedKubelet) -> AsyncIterator[PlayedKubelet]:
+    async with played_kubelet.running():
+        yield played_kubelet
 
 
 @pytest.mark.slow
 @pytest.mark.asyncio
-@pytest.mark.kmock(cls=Cluster)
-async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared: Path, tmp_path: Path) -> None:
-    cluster = kmock
-    declare_resources(cluster)
-    write_kubeconfig(tmp_path / "kubeconfig", cluster.url)
+async def test_every_panel_and_alert_reads_real_metrics(prepared: Path, tmp_path: Path, control_plane: Any, kube: Kube,
+                                                        namespace: str, kubelet: PlayedKubelet) -> None:
+    jobs = Jobs(kube, namespace)
     trainer_port, operator_port = free_port(), free_port()
     rules = rules_file(tmp_path / "rules.yaml")
-    targets = {"kubetrain-training": (trainer_port, TRAINING_LABELS),
+    targets = {"kubetrain-training": (trainer_port, training_labels(namespace)),
                OPERATOR_JOB: (operator_port, {"namespace": "kubetrain", "pod": "kubetrain-operator-0"})}
     started = time.monotonic()
-    async with aiohttp.ClientSession(base_url=str(cluster.url),
-                                     connector=aiohttp.TCPConnector(force_close=True)) as kube_http, \
-            aiohttp.ClientSession() as http:
-        cluster.http = kube_http
+    async with aiohttp.ClientSession() as http:
         with prometheus(tmp_path, targets, rules) as base:
             async with training_run(tmp_path, prepared, trainer_port) as out, \
-                    operator_process(tmp_path, operator_port):
+                    operator_process(tmp_path, Path(control_plane.kubeconfig), namespace, operator_port):
                 await wait_until(lambda: query(http, base, "kubetrain_operator_leader == 1"), timeout=60,
                                  what="the operator to lead")
-                await operator_scenario(cluster, trainer_port)
+                await operator_scenario(jobs, kubelet, trainer_port, operator_port)
                 await wait_until(lambda: query(http, base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
                                  timeout=60, what="a /progress read in Prometheus")
-                await fail_worker(cluster, "scrape-demo-worker-1")  # a restart, counted by reason
+                kubelet.exit(f"{JOB}-worker-1", 137)  # a restart, counted by reason
                 # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
                 await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
                                  what="two checkpoints of the training run")
@@ -297,15 +294,15 @@ async def test_every_panel_and_alert_reads_real_metrics(kmock: Cluster, prepared
                                  what="the restart in Prometheus")
                 await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
                                  what="the failed reconcile in Prometheus")
-                await asyncio.sleep(3)  # a few more scrapes of the latest checkpoint and eval
-                await check_queries(http, base, rules, tmp_path / "queries.json")
+                await check_queries(http, base, rules, tmp_path / "queries.json", variables(namespace))
     assert time.monotonic() - started < 150
 
 
-async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path, report: Path) -> None:
+async def panels_without_data(http: aiohttp.ClientSession, base: str, variables: dict[str, str],
+                              report: Path | None = None) -> list[str]:
     empty, answers = [], {}
     for key, expr in dashboard_queries():
-        for name, value in sorted(VARIABLES.items(), key=lambda kv: -len(kv[0])):  # $__range_s before $__range
+        for name, value in sorted(variables.items(), key=lambda kv: -len(kv[0])):  # $__range_s before $__range
             expr = expr.replace(name, value)
         result = await query(http, base, expr)
         answers[" / ".join(key)] = {"expr": expr, "result": result}
@@ -316,7 +313,20 @@ async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path, rep
         for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b(?=\{|\[| \)|\))", expr)):
             if not await query(http, base, f'count({{__name__="{metric}"}})'):
                 empty.append(f"{key}: metric {metric} does not exist")
-    report.write_text(json.dumps(answers, indent=1))  # what each panel showed, for a look after a failure
+    if report is not None:
+        report.write_text(json.dumps(answers, indent=1))  # what each panel showed, for a look after a failure
+    return empty
+
+
+async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path, report: Path,
+                        variables: dict[str, str]) -> None:
+    # Rates need a few scrapes of the latest checkpoint and eval: wait (a while at most) for every panel.
+    async def complete() -> bool:
+        return not await panels_without_data(http, base, variables)
+
+    with contextlib.suppress(AssertionError):
+        await wait_until(complete, timeout=20, what="every panel to have data")
+    empty = await panels_without_data(http, base, variables, report)
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
     for group in yaml.safe_load(rules.read_text())["groups"]:

@@ -2,8 +2,8 @@
 
 The protocol is checked three ways: its pure decision rules; a Hypothesis-driven simulation of several
 replicas racing over one Lease with an API that enforces resourceVersion as a real server does (never two
-leaders at once, whatever the interleaving, crashes and clock advances); and two real operator processes
-against kmock's emulator over HTTP (one active, hand-over on SIGTERM and after a kill -9)."""
+leaders at once, whatever the interleaving, crashes and clock advances); and three real operator processes
+against a real API server (tests/cluster; one active, hand-over on SIGTERM and after a kill -9)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
+from cluster.client import Kube, kubectl, ns_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubetrain_operator.leader import ElectionConfig, LeaderElector, Seen, decide, lease_spec, released_spec
-from operator_support import JOBS_URL, NS, Cluster, declare_resources, spec_dict, wait_until, write_kubeconfig
+from operator_support import Jobs, PlayedKubelet, wait_until
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -183,15 +183,12 @@ def test_never_two_leaders_at_once(actions: list[tuple[str, int, float]]) -> Non
     asyncio.run(scenario())
 
 
-# -- real operator processes against the emulator ---------------------------------------------------------
+# -- real operator processes against a real API server ----------------------------------------------------
 
 @pytest_asyncio.fixture
-async def cluster(kmock: Cluster, tmp_path: Path) -> AsyncIterator[Cluster]:
-    declare_resources(kmock)
-    write_kubeconfig(tmp_path / "kubeconfig", kmock.url)
-    async with aiohttp.ClientSession(base_url=str(kmock.url), connector=aiohttp.TCPConnector(force_close=True)) as http:
-        kmock.http = http
-        yield kmock
+async def kubelet(played_kubelet: PlayedKubelet) -> AsyncIterator[PlayedKubelet]:
+    async with played_kubelet.running():
+        yield played_kubelet
 
 
 def free_port() -> int:
@@ -205,15 +202,15 @@ def free_port() -> int:
 class Replica:
     """`kubetrain operator --leader-elect` as a process, as a Deployment's pod would run it."""
 
-    def __init__(self, name: str, kubeconfig: Path, log: Path):
+    def __init__(self, name: str, kubeconfig: Path, namespace: str, log: Path):
         self.name, self.port = name, free_port()
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": name, "POD_NAMESPACE": NS,
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": name, "POD_NAMESPACE": namespace,
                "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "0.5"}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetrain_cli", "operator", "-n", NS, "--leader-elect", "--lease-duration", "3",
-             "--metrics-port", str(self.port), "--liveness-port", "0"],
+            [sys.executable, "-m", "kubetrain_cli", "operator", "-n", namespace, "--leader-elect",
+             "--lease-duration", "3", "--metrics-port", str(self.port), "--liveness-port", "0"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def leader_gauge(self) -> float | None:
@@ -234,16 +231,9 @@ class Replica:
         return code
 
 
-def holder(cluster: Cluster) -> str | None:
-    for (resource, ns, name), obj in list(cluster.objects.items()):
-        if resource.plural == "leases" and ns == NS and name == "kubetrain-operator" and not obj.deleted:
-            return str(dict(obj).get("spec", {}).get("holderIdentity") or "")
-    return None
-
-
-def worker_pods(cluster: Cluster) -> list[str]:
-    return sorted(name for (resource, ns, name), obj in list(cluster.objects.items())
-                  if resource.plural == "pods" and ns == NS and not obj.deleted and name.startswith("job-worker-"))
+def holder(kube: Kube, namespace: str) -> str:
+    lease = kube.find(ns_path(namespace, "leases", "kubetrain-operator", group="coordination.k8s.io"))
+    return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
 
 
 async def gauge_is(replica: Replica, value: float | None = None) -> bool:
@@ -253,41 +243,47 @@ async def gauge_is(replica: Replica, value: float | None = None) -> bool:
 
 
 async def stop(replica: Replica, sig: int = signal.SIGTERM) -> int:
-    """Off the event loop: the emulator in this loop must keep answering the stopping replica."""
+    """Off the event loop: the played kubelet in this loop keeps finishing deletions meanwhile."""
     return int(await asyncio.get_running_loop().run_in_executor(None, replica.stop, sig))
 
 
 @pytest.mark.asyncio
-@pytest.mark.kmock(cls=Cluster)
-async def test_one_active_replica_hands_over_on_sigterm_and_after_a_crash(cluster: Cluster, tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    a = Replica("replica-a", kubeconfig, tmp_path / "a.log")
+async def test_one_active_replica_hands_over_on_sigterm_and_after_a_crash(
+        kube: Kube, namespace: str, kubelet: PlayedKubelet, control_plane: Any, tmp_path: Path) -> None:
+    kubeconfig, jobs = Path(control_plane.kubeconfig), Jobs(kube, namespace)
+
+    def workers() -> list[str]:
+        return sorted(kubelet.pods())
+
+    a = Replica("replica-a", kubeconfig, namespace, tmp_path / "a.log")
     try:
-        await wait_until(lambda: (holder(cluster) or "").startswith("replica-a_"), timeout=60, what="a to lead")
-        b = Replica("replica-b", kubeconfig, tmp_path / "b.log")
+        await wait_until(lambda: holder(kube, namespace).startswith("replica-a_"), timeout=60, what="a to lead")
+        b = Replica("replica-b", kubeconfig, namespace, tmp_path / "b.log")
         await wait_until(lambda: gauge_is(b), timeout=60, what="b's metrics")
         assert await gauge_is(b, 0.0) and await gauge_is(a, 1.0)
 
-        job = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob", "metadata": {"name": "job",
-               "namespace": NS}, "spec": spec_dict(workers={"nodes": 2, "procPerNode": 1})}
-        async with cluster.http.post(JOBS_URL, json=job) as resp:
-            assert resp.status in (200, 201)
-        await wait_until(lambda: worker_pods(cluster) == ["job-worker-0", "job-worker-1"], timeout=60,
-                         what="a to create the pods")
+        jobs.create(jobs.manifest(workers={"nodes": 2, "procPerNode": 1}))
+        await wait_until(lambda: workers() == ["job-worker-0", "job-worker-1"], timeout=60, what="a to create the pods")
+        await kubelet.run_all()
 
         assert await stop(a) == 0  # SIGTERM: Kopf stops, the Lease is released
-        await wait_until(lambda: (holder(cluster) or "").startswith("replica-b_"), timeout=30, what="b to take over")
+        await wait_until(lambda: holder(kube, namespace).startswith("replica-b_"), timeout=30, what="b to take over")
         await wait_until(lambda: gauge_is(b, 1.0), timeout=30, what="b's leader gauge")
-        async with cluster.http.delete(f"/api/v1/namespaces/{NS}/pods/job-worker-1") as resp:
-            assert resp.status == 200
-        await wait_until(lambda: worker_pods(cluster) == ["job-worker-0", "job-worker-1"], timeout=60,
+        before = kubelet.uids()
+        await asyncio.to_thread(kubectl, kubeconfig, "-n", namespace, "delete", "pod", "job-worker-1", "--wait=false")
+        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]), timeout=60,
                          what="b, now active, to recreate the deleted worker")
 
-        c = Replica("replica-c", kubeconfig, tmp_path / "c.log")
+        c = Replica("replica-c", kubeconfig, namespace, tmp_path / "c.log")
         await wait_until(lambda: gauge_is(c, 0.0), timeout=60, what="c's metrics, on standby")
         await stop(b, signal.SIGKILL)  # a crash: nothing released; c waits out the lease duration, then leads
-        await wait_until(lambda: (holder(cluster) or "").startswith("replica-c_"), timeout=30, what="c to take over")
-        assert worker_pods(cluster) == ["job-worker-0", "job-worker-1"]  # adopted, not duplicated
+        await wait_until(lambda: holder(kube, namespace).startswith("replica-c_"), timeout=30, what="c to take over")
+        await wait_until(lambda: gauge_is(c, 1.0), timeout=30, what="c's leader gauge")
+        await kubelet.run("job-worker-1")
+        await wait_until(jobs.phase_is("Running"), timeout=30, what="c to reconcile the job")
+        assert workers() == ["job-worker-0", "job-worker-1"]  # adopted, not duplicated
+        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
+        assert jobs.status()["restarts"] == 1
         assert await stop(c) == 0
     finally:
         for name in ("a", "b", "c"):

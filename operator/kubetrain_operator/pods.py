@@ -93,10 +93,15 @@ def observe_pod(body: Any) -> ObservedPod | None:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and waiting is None:
             waiting = f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
     deletion = meta.get("deletionTimestamp")
+    # deletionTimestamp is when the grace period ends (the request's time + deletionGracePeriodSeconds):
+    # the deletion was asked for that many seconds before it.
+    deletion_time = parse_time(deletion)
+    if deletion_time is not None:
+        deletion_time -= _int(meta.get("deletionGracePeriodSeconds")) or 0
     phase = _str(status.get("phase")) or "Pending"
     return ObservedPod(
         name=name, index=index, uid=uid, phase=phase,
-        terminating=deletion is not None, deletion_time=parse_time(deletion),
+        terminating=deletion is not None, deletion_time=deletion_time,
         exit_code=exit_code, container_reason=reason, termination_message=message,
         pod_reason=_str(status.get("reason")), pod_message=_str(status.get("message")),
         ready=ready and phase == "Running", ip=_str(status.get("podIP")), waiting=waiting,
