@@ -276,7 +276,6 @@ async def test_every_panel_and_alert_reads_real_metrics(prepared: Path, tmp_path
     rules = rules_file(tmp_path / "rules.yaml")
     targets = {"kubetrain-training": (trainer_port, training_labels(namespace)),
                OPERATOR_JOB: (operator_port, {"namespace": "kubetrain", "pod": "kubetrain-operator-0"})}
-    started = time.monotonic()
     async with aiohttp.ClientSession() as http:
         with prometheus(tmp_path, targets, rules) as base:
             async with training_run(tmp_path, prepared, trainer_port) as out, \
@@ -295,7 +294,6 @@ async def test_every_panel_and_alert_reads_real_metrics(prepared: Path, tmp_path
                 await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
                                  what="the failed reconcile in Prometheus")
                 await check_queries(http, base, rules, tmp_path / "queries.json", variables(namespace))
-    assert time.monotonic() - started < 150
 
 
 async def panels_without_data(http: aiohttp.ClientSession, base: str, variables: dict[str, str],
