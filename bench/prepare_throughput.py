@@ -45,7 +45,7 @@ CONTENDED = 0.05
 # ----------------------------------------------------------------------------------------------------
 def load_docs(spec: str) -> list[str]:
     """The documents kubetrain's prepare keeps: cleaned, long enough, de-duplicated, in file order."""
-    from kubetrain_trainer.data import clean_text, document_hash, iter_documents, resolve_inputs
+    from kubetrain_trainer.preparation import clean_text, document_hash, iter_documents, resolve_inputs
 
     docs, seen = [], set()
     for raw in iter_documents(resolve_inputs(spec, "input"), "text"):
@@ -80,7 +80,7 @@ def _work(kind: str, spec: str, tok_dir: str, out: str) -> dict:
     if kind == "floor":  # imports + tokenizer only: what every worker pays before doing anything
         return {"seconds": 0.0, "tokens": 0, "cpu": 0.0}
     if kind == "prepare":
-        from kubetrain_trainer.data import prepare, resolve_inputs
+        from kubetrain_trainer.preparation import prepare, resolve_inputs
 
         files = resolve_inputs(spec, "input")
         c0, t0 = cpu_seconds(), time.perf_counter()
@@ -168,7 +168,7 @@ def main() -> int:
         return 0
 
     from _machine import CpuMeter, code_version, wait_idle
-    from kubetrain_trainer.data import iter_training_texts, resolve_inputs
+    from kubetrain_trainer.preparation import iter_training_texts, resolve_inputs
     from kubetrain_trainer.tokenizer import train_bpe
 
     def say(msg: str) -> None:

@@ -67,7 +67,7 @@ def main() -> int:
     os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
     from _machine import CpuMeter, wait_idle
-    from kubetrain_trainer.data import iter_training_texts, prepare, resolve_inputs
+    from kubetrain_trainer.preparation import iter_training_texts, prepare, resolve_inputs
     from kubetrain_trainer.tokenizer import load_tokenizer, train_bpe
 
     files = resolve_inputs(args.input, "--input")

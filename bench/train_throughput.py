@@ -75,8 +75,8 @@ def lr_at(step: int, total: int) -> float:
 
 def load_model_and_data(data_dir: Path):
     from kubetrain_trainer.config import ModelSpec
-    from kubetrain_trainer.dataset import TokenShards
     from kubetrain_trainer.model import build_model, llama_config
+    from kubetrain_trainer.shards import TokenShards
     from kubetrain_trainer.tokenizer import load_tokenizer
 
     tok = load_tokenizer(data_dir / "tokenizer")
@@ -89,7 +89,7 @@ def load_model_and_data(data_dir: Path):
 def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
     import torch
     import torch.nn.functional as F
-    from kubetrain_trainer.dataset import rank_micro_batches
+    from kubetrain_trainer.sampler import rank_micro_batches
 
     torch.set_num_threads(THREADS)
     _, model, shards = load_model_and_data(data_dir)
@@ -125,7 +125,7 @@ def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
 def worker_hf(data_dir: Path, total: int) -> dict:
     import numpy as np
     import torch
-    from kubetrain_trainer.dataset import global_batch
+    from kubetrain_trainer.sampler import global_batch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     torch.set_num_threads(THREADS)

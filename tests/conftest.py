@@ -26,7 +26,7 @@ TEST_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 
 
 @pytest.fixture(scope="session")
 def corpus_files() -> list[Path]:
-    from kubetrain_trainer.data import resolve_inputs
+    from kubetrain_trainer.preparation import resolve_inputs
 
     return resolve_inputs("corpus://shakespeare", "data.train")
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
-from kubetrain_trainer.data import clean_text, document_hash, is_validation, prepare, resolve_inputs
-from kubetrain_trainer.dataset import TokenShards
 from kubetrain_trainer.errors import ConfigError
+from kubetrain_trainer.preparation import clean_text, document_hash, is_validation, prepare, resolve_inputs
+from kubetrain_trainer.shards import TokenShards
 from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
 
@@ -32,7 +32,7 @@ def test_validation_split_is_deterministic_and_proportional() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer(small_corpus: Path):
-    from kubetrain_trainer.data import iter_training_texts
+    from kubetrain_trainer.preparation import iter_training_texts
 
     return train_bpe(iter_training_texts(sorted(small_corpus.glob("*.txt")), "text", None, 10**7), 400)
 
@@ -75,7 +75,7 @@ def test_prepare_reads_parquet_and_separate_validation(tmp_path: Path, tokenizer
 def test_token_shards_pack_fixed_length_windows(tmp_path: Path, tokenizer) -> None:
     d = tmp_path / "s"
     d.mkdir()
-    from kubetrain_trainer.data import ShardWriter
+    from kubetrain_trainer.preparation import ShardWriter
 
     w = ShardWriter(d, np.dtype(np.uint16), shard_tokens=25)
     w.write(np.arange(60, dtype=np.uint16))

@@ -69,7 +69,7 @@ def test_exported_model_loads_with_from_pretrained(finished_run: Path) -> None:
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
     # The export holds the trained weights: its validation loss is the run's final one.
-    from kubetrain_trainer.dataset import TokenShards
+    from kubetrain_trainer.shards import TokenShards
 
     summary = json.loads((finished_run / "summary.json").read_text())
     val = TokenShards(json.loads((finished_run / "trainer-config.json").read_text())["data"]["validation"], 64)

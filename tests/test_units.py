@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import ModelSpec, TrainingSpec
-from kubetrain_trainer.dataset import eval_micro_batches, global_batch, permute, rank_micro_batches
 from kubetrain_trainer.errors import ConfigError
 from kubetrain_trainer.model import llama_config, model_cost
 from kubetrain_trainer.optim import lr_at
+from kubetrain_trainer.sampler import eval_micro_batches, global_batch, permute, rank_micro_batches
 from kubetrain_trainer.storage import LocalStore
 from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 

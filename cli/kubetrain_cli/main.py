@@ -17,7 +17,7 @@ def _prepare(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from kubetrain_trainer import data as datamod
+    from kubetrain_trainer import preparation as datamod
     from kubetrain_trainer.tokenizer import load_tokenizer, train_bpe
 
     files = [f for spec in args.input for f in datamod.resolve_inputs(spec, "--input")]

@@ -26,7 +26,7 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
     """Return a copy of `cfg` whose data are prepared shard dirs and whose tokenizer is a saved one,
     preparing (and training a tokenizer) under `workdir` when the inputs are raw text. Cached: a rerun
     with unchanged inputs and settings reuses the earlier output."""
-    from . import data as datamod
+    from . import preparation as datamod
     from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 
     d = cfg.data
@@ -88,8 +88,8 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
 def preflight(cfg: TrainerConfig, nproc: int, output: Path) -> None:
     """Checks that need the prepared inputs but no processes: batch layout, model overrides, checkpoint."""
     from .checkpoint import CheckpointManager
-    from .dataset import TokenShards
     from .model import llama_config, model_fingerprint
+    from .shards import TokenShards
     from .storage import open_store
     from .tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -226,7 +226,7 @@ def generate_sample(model_dir: Path, prompt: str | None, validation: str, seq_le
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .dataset import TokenShards
+    from .shards import TokenShards
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointManager, SaveResult, full_state_dict
 from .config import TrainerConfig
-from .dataset import TokenShards, eval_micro_batches, rank_micro_batches
 from .errors import EXIT_PREEMPTED, CheckpointFailedError, ConfigError, NonFiniteError
 from .metrics import MetricsServer, ProgressState, TrainingMetrics, device_peak_flops
 from .model import build_model, llama_config, model_cost, model_fingerprint
 from .optim import build_optimizer, lr_at
 from .parallelize import choose_parallelism, no_sync, parallelize
+from .sampler import eval_micro_batches, rank_micro_batches
+from .shards import TokenShards
 from .storage import S3Store, local_copy, open_store
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 

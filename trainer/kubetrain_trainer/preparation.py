@@ -1,8 +1,9 @@
-"""Data preparation: raw text → cleaned, de-duplicated documents → token shards on disk.
+"""Data preparation (`kubetrain prepare`, `kubetrain run`): raw text → cleaned, de-duplicated documents →
+token shards on disk.
 
 The output is a directory with `train/` and `validation/`, each holding flat binary token streams
 (`shard-NNNNN.bin`, uint16 or uint32) and an `index.json`; documents are separated by EOS. Packing
-into fixed-length sequences happens when the shards are read (see dataset.py), so one prepared
+into fixed-length sequences happens when the shards are read (see shards.py), so one prepared
 directory serves any sequence length. Memory stays flat: documents stream through bounded batches.
 """
 
