@@ -26,15 +26,8 @@ from conftest import (
 )
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.config import S3Spec
-from kubetrain_trainer.dcp_storage import (
-    S3FileSystem,
-    S3Reader,
-    S3Writer,
-    coalesce_reads,
-    crc32_b64,
-    object_key,
-    split_ranges,
-)
+from kubetrain_trainer.s3_reader import S3Reader, coalesce_reads, split_ranges
+from kubetrain_trainer.s3_writer import S3FileSystem, S3Writer, crc32_b64, object_key
 from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store
 from s3_support import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
 

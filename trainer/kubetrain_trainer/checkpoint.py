@@ -44,8 +44,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import S3Spec
-from .dcp_storage import LocalWriter, S3Reader, S3Writer
 from .errors import ConfigError
+from .local_writer import LocalWriter
+from .s3_reader import S3Reader
+from .s3_writer import S3Writer
 from .storage import AlreadyExists, LocalStore, S3Store, Store
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Object storage for checkpoints, data and exports: a local directory or an S3 bucket, one interface.
 
 `Store` is the small key/value surface the checkpoint manager needs (list, get, ranged get,
-exclusive put, delete, abort uploads); dcp_storage.py streams tensors through it. Every S3 request
-is retried on transient errors with exponential backoff and full jitter. Credentials are read by
-boto3 from its usual chain and never logged.
+exclusive put, delete, abort uploads); s3_writer.py and s3_reader.py stream checkpoints through it.
+Every S3 request is retried on transient errors with exponential backoff and full jitter.
+Credentials are read by boto3 from its usual chain and never logged.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""torch.distributed.checkpoint (DCP) storage on S3 and on local disk.
+"""Saving a DCP checkpoint to S3: `S3Writer`, DCP's FileSystemWriter over `S3FileSystem`.
 
-`S3FileSystem` plugs into DCP's FileSystemWriter: each rank's file streams from memory into S3
-multipart uploads (parts uploaded concurrently, at most `max_concurrency` parts buffered), split into
-objects of at most `object_size_bytes`. `S3Reader` loads with parallel ranged GETs of exactly the
-bytes each rank needs, so nothing is copied locally. Both writers stage into host buffers allocated
-once and reused by every save.
+Each rank's file streams from memory into S3 multipart uploads (`MultipartStream`: parts uploaded
+concurrently, at most `max_concurrency` parts buffered), split into objects `name.00000`,
+`name.00001`, ... of at most `object_size_bytes`. s3_reader.py reads them back; `S3FileSystem` is
+what both DCP classes go through (object naming, listing, the small metadata reads).
 """
 
 from __future__ import annotations
@@ -19,18 +18,18 @@ import zlib
 from base64 import b64encode
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemWriter
 
+from .staging import CachedStaging
 from .storage import S3Store
 
 log = logging.getLogger(__name__)
+
 
 def object_key(name: str, index: int) -> str:
     return f"{name}.{index:05d}"
@@ -41,7 +40,7 @@ def crc32_b64(data: Any) -> str:
     return b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
-class _MultipartStream(io.RawIOBase):
+class MultipartStream(io.RawIOBase):
     """A write-only stream that uploads as it goes. The bytes written become objects `name.00000`,
     `name.00001`, ... of `object_size` bytes (the last shorter); each object is a multipart upload
     whose parts are sent concurrently by the shared pool while later parts are still being written.
@@ -236,7 +235,7 @@ class S3FileSystem(FileSystemBase):
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
         key = str(path)
         if mode == "wb":
-            stream = _MultipartStream(self, key)
+            stream = MultipartStream(self, key)
             try:
                 yield stream
                 stream.close()
@@ -288,47 +287,7 @@ class S3FileSystem(FileSystemBase):
             self.store.delete_prefix(key)
 
 
-class _CachedStaging:
-    """Stage into host buffers allocated once and reused by every save (pinned only where a GPU is)."""
-
-    state_dict_cache: Any = None
-
-    def allocate(self, state_dict: Any, touch: bool = True) -> None:
-        """Create the host buffers for `state_dict`'s tensors. With `touch`, write them once, so that the
-        first save does not pay the page faults of fresh memory (pinned memory is resident already)."""
-        from torch.distributed._state_dict_utils import _create_cpu_state_dict
-
-        pin = torch.cuda.is_available()
-        cache = _create_cpu_state_dict(state_dict, pin_memory=pin)
-        if touch and not pin:
-            for tensor in _tensors(cache):
-                tensor.zero_()
-        self.state_dict_cache = cache
-
-    def stage(self, state_dict: Any) -> Any:
-        from torch.distributed._state_dict_utils import _copy_state_dict
-
-        if self.state_dict_cache is None:
-            self.allocate(state_dict, touch=False)  # the copy below touches every page anyway
-        return _copy_state_dict(state_dict, self.state_dict_cache)
-
-
-def _tensors(tree: Any) -> Iterator[torch.Tensor]:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tree, DTensor):
-        yield tree.to_local()
-    elif isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, list | tuple):
-        for value in tree:
-            yield from _tensors(value)
-
-
-class S3Writer(_CachedStaging, FileSystemWriter):
+class S3Writer(CachedStaging, FileSystemWriter):
     """FileSystemWriter (planning, staging for async saves, metadata) over S3FileSystem."""
 
     # One DCP writer thread: its extra threads (thread_count > 1) lose their exceptions, so a failed
@@ -351,144 +310,3 @@ class S3Writer(_CachedStaging, FileSystemWriter):
             return super().write_data(plan, planner)  # synchronous: the files are written when it returns
         finally:
             torch.serialization.set_crc32_options(crc)
-
-
-class CountingFileSystem(FileSystem):
-    """The local FileSystem, counting bytes written (for the bytes and throughput metrics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes_written = 0
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
-        with super().create_stream(path, mode) as stream:
-            yield stream
-        if mode == "wb":
-            self.bytes_written += os.path.getsize(path)
-
-
-class LocalWriter(_CachedStaging, FileSystemWriter):
-    def __init__(self, path: str, thread_count: int = 1):
-        super().__init__(path, sync_files=True, thread_count=thread_count, cache_staged_state_dict=True)
-        self.fs = CountingFileSystem()
-
-
-@dataclass
-class ReadGroup:
-    """Adjacent byte ranges of one logical file fetched together: (item, offset in group, length) each."""
-
-    name: str
-    start: int
-    length: int
-    items: list[tuple[Any, int, int]] = field(default_factory=list)
-
-
-def coalesce_reads(requests: list[tuple[str, int, int, Any]], limit: int, gap: int = 256 * 1024) -> list[ReadGroup]:
-    """Merge (name, offset, length, item) requests of the same file whose ranges are adjacent (or at most
-    `gap` bytes apart) into groups of at most `limit` bytes; an item longer than `limit` is a group of its
-    own. DCP stores a rank's tensors back to back, so a load needs a few large GETs instead of one per
-    tensor: fewer requests (S3 throttles by request rate) and no per-request cost per tensor."""
-    groups: list[ReadGroup] = []
-    for name, offset, length, item in sorted(requests, key=lambda r: (r[0], r[1])):
-        last = groups[-1] if groups else None
-        if (last is not None and last.name == name and last.start + last.length <= offset
-                <= last.start + last.length + gap and offset + length - last.start <= limit):
-            last.items.append((item, offset - last.start, length))
-            last.length = offset + length - last.start
-        else:
-            groups.append(ReadGroup(name, offset, length, [(item, 0, length)]))
-    return groups
-
-
-def split_ranges(start: int, length: int, object_size: int, limit: int) -> list[tuple[int, int, int]]:
-    """(object index, offset within the object, length) GETs covering [start, start + length): none
-    crosses an object boundary or exceeds `limit` bytes."""
-    out = []
-    while length > 0:
-        index, within = divmod(start, object_size)
-        take = min(length, object_size - within, limit)
-        out.append((index, within, take))
-        start, length = start + take, length - take
-    return out
-
-
-class S3Reader(FileSystemReader):
-    """Loads exactly the byte ranges this rank's plan needs: adjacent ranges coalesced into GETs of at
-    most `part_size_bytes`, `max_concurrency` of them at a time, straight into memory."""
-
-    def __init__(self, store: S3Store, step_key: str, object_size: int):
-        super().__init__(step_key)
-        self.store = store
-        self.object_size = object_size
-        self.fs = S3FileSystem(store)  # type: ignore[assignment]
-        self.path = step_key
-        self.requests = 0  # GETs issued by the last read_data (for tests and benchmarks)
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        self.storage_data = {}
-        if checkpoint_id:
-            self.path = str(checkpoint_id)
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
-        spec = self.store.spec
-        requests = []
-        for req in plan.items:
-            info = self.storage_data[req.storage_index]
-            requests.append((info.relative_path, info.offset, info.length, req))
-        groups = coalesce_reads(requests, spec.part_size_bytes)
-        # GETs in file order: (group number, object key, offset within object, length, offset in group)
-        gets = []
-        for number, group in enumerate(groups):
-            at = 0
-            for index, within, take in split_ranges(group.start, group.length, self.object_size, spec.part_size_bytes):
-                gets.append((number, object_key(f"{self.path}/{group.name}", index), within, take, at))
-                at += take
-        self.requests = len(gets)
-        left = {n: 0 for n in range(len(groups))}
-        for number, *_ in gets:
-            left[number] += 1
-        buffers: dict[int, bytearray] = {}
-
-        def fetch(buf: bytearray, key: str, within: int, take: int, at: int) -> None:
-            buf[at:at + take] = self.store.get_range(key, within, take)
-
-        # GETs run concurrently with a bounded read-ahead; tensors are committed in this thread as soon as
-        # their group is complete, and the group's buffer is dropped.
-        window = max(1, spec.max_concurrency)
-        with cf.ThreadPoolExecutor(max_workers=window, thread_name_prefix="s3-read") as pool:
-            pending: dict[cf.Future, int] = {}
-            position = 0
-            while position < len(gets) or pending:
-                while position < len(gets) and len(pending) < 2 * window:
-                    number, key, within, take, at = gets[position]
-                    buf = buffers.setdefault(number, bytearray(groups[number].length))
-                    pending[pool.submit(fetch, buf, key, within, take, at)] = number
-                    position += 1
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    number = pending.pop(fut)
-                    fut.result()
-                    left[number] -= 1
-                    if left[number] == 0:
-                        view = memoryview(buffers.pop(number))
-                        for req, at, length in groups[number].items:
-                            self._commit(req, view[at:at + length], planner)
-        result: torch.futures.Future[None] = torch.futures.Future()
-        result.set_result(None)
-        return result
-
-    @staticmethod
-    def _commit(req: Any, data: memoryview, planner: LoadPlanner) -> None:
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
-        if req.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(req, io.BytesIO(data))
-            return
-        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-        target = planner.resolve_tensor(req).detach()
-        if target.size() != tensor.size():
-            raise AssertionError(f"{req.storage_index}: checkpoint shape {tensor.size()} != model {target.size()}")
-        target.copy_(tensor)
-        planner.commit_tensor(req, target)
