@@ -73,6 +73,10 @@ class Runtime:
         self.wakeups: dict[JobKey, asyncio.Event] = {}
         self.jobs: dict[JobKey, JobSummary] = {}  # for the metrics, as of each job's last reconcile
         self.metrics = OperatorMetrics(lambda: dict(self.jobs))
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # made outside the event loop (tests)
+            self.loop = None
 
     @classmethod
     async def start(cls, config: OperatorConfig) -> Runtime:
@@ -84,9 +88,19 @@ class Runtime:
         await self.kube.close()
 
     def wake(self, namespace: str | None, name: str | None) -> None:
+        """Wake the job's reconcile loop. Kopf runs sync handlers in its executor's threads, where an
+        asyncio.Event may not be set directly (that neither is thread-safe nor wakes an idle loop)."""
         event = self.wakeups.get((namespace or "", name or ""))
-        if event is not None:
+        if event is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self.loop is None or running is self.loop:
             event.set()
+        else:
+            self.loop.call_soon_threadsafe(event.set)
 
 
 class Expectations:
@@ -152,13 +166,13 @@ class Reconciler:
                 status.pop(key, None)
         now = time.time()
         p = plan(view, status, self.observed(), now, self.rt.config.planner)
-        await self.execute(view, p, now)
+        await self.execute(view, p)
         self.rt.jobs[self.key] = JobSummary.of(p.phase, apply_merge_patch(status, p.status_patch or {}))
         self.rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         return min(p.requeue_after if p.requeue_after is not None else self.rt.config.resync_seconds,
                    self.rt.config.resync_seconds)
 
-    async def execute(self, view: JobView, p: Plan, now: float) -> None:
+    async def execute(self, view: JobView, p: Plan) -> None:
         ns, name = self.key
         kube, metrics = self.rt.kube, self.rt.metrics
         # Creates first (a crash after them is adopted), then the status that records restarts and
@@ -166,10 +180,13 @@ class Reconciler:
         if p.create and view.spec is not None:
             await self.ensure_objects(view.ref, view.spec, p.launch)
             results = await asyncio.gather(*(kube.create(render_pod(view.ref, view.spec, i)) for i in p.create))
+            # The expectation's TTL runs from when the creates returned, not from the plan: under load
+            # (many jobs' creates queued behind the API concurrency limit) they can take longer than the TTL.
+            answered = time.time()
             for result in results:
                 created = observe_pod(result) if result is not None else None
                 if created is not None:
-                    self.expect.created[created.name] = (created, now)
+                    self.expect.created[created.name] = (created, answered)
                     metrics.pods_created.inc()
         if p.status_patch:
             await kube.patch_job_status(ns, name, p.status_patch)
@@ -179,15 +196,15 @@ class Reconciler:
         for kind, reason, message in ((e.type, e.reason, e.message) for e in p.events):
             self.post_event(kind, reason, message)
         if p.delete:
-            await asyncio.gather(*(self.delete_pod(d.name, d.uid, d.force, now) for d in p.delete))
+            await asyncio.gather(*(self.delete_pod(d.name, d.uid, d.force) for d in p.delete))
         if p.delete_job:
             self.logger.info("ttlSecondsAfterFinished passed: deleting the LLMTrainingJob")
             await kube.delete_job(ns, name)
 
-    async def delete_pod(self, pod: str, uid: str, force: bool, now: float) -> None:
+    async def delete_pod(self, pod: str, uid: str, force: bool) -> None:
         if await self.rt.kube.delete_pod(self.key[0], pod, 0 if force else None):
             self.rt.metrics.pods_deleted.inc()
-        self.expect.deleted[uid] = now
+        self.expect.deleted[uid] = time.time()  # (from when the delete returned, as for creates)
 
     async def ensure_objects(self, ref: JobRef, spec: JobSpec, launch: bool) -> None:
         """The Service and the ConfigMap; at a (re)launch of all workers the ConfigMap is brought up to the
