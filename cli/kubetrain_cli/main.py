@@ -7,7 +7,7 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetrain_trainer.launcher import run
+    from kubetrain_trainer.run.pipeline import run
 
     return run(args.manifest, args.output, args.nproc, args.prompt)
 

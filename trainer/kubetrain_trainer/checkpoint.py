@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .config import S3Spec
+from .config import S3Spec, TrainerConfig
 from .errors import ConfigError
 from .local_writer import LocalWriter
 from .s3_reader import S3Reader
@@ -54,11 +55,19 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d{9})/")
 
 
 def step_dir_name(step: int) -> str:
+    """A checkpoint's directory under the checkpoint URI (zero-padded: listings sort by step)."""
     return f"step-{step:09d}"
+
+
+_STEP_DIR = re.compile(r"^step-(\d{9})/")  # the inverse of step_dir_name, on listed keys
+
+
+def checkpoint_uri(cfg: TrainerConfig, output: Path) -> str:
+    """Where a run's checkpoints go: checkpoint.uri, else `checkpoints/` beside the run's other output."""
+    return cfg.checkpoint.uri or str(output / "checkpoints")
 
 
 @dataclass
