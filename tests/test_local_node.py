@@ -506,3 +506,68 @@ def test_a_missing_control_plane_skips_outside_ci_and_fails_the_run_in_ci(ci: st
         assert result.returncode != 0 and "CI=true needs the control plane" in result.stdout
     else:
         assert result.returncode == 0 and "1 skipped" in result.stdout
+
+
+# --- what the chart's operator pods needed (tests/test_chart_install.py) ---------------------------------------
+
+
+def test_the_images_users_resolve_and_home_comes_from_them(local_cluster: Any, kube: Kube, namespace: str) -> None:
+    """The operator image's user (uid 10001, made by its Dockerfile's `useradd`; no HOME in its ENV) is in the
+    container's /etc/passwd and /etc/group, and HOME is its home, as a container runtime sets it: Kopf's
+    getpass.getuser() and kubernetes_asyncio's Path.home() work as in the real image."""
+    ns = namespace
+    body = pod_manifest("whoami", python("""
+        import getpass, grp, os, pathlib
+        me = f"{getpass.getuser()} {grp.getgrgid(os.getgid()).gr_name} {os.environ.get('HOME')} {pathlib.Path.home()}"
+        open("/dev/termination-log", "w").write(me)
+        """), terminationMessagePolicy="File", image="ghcr.io/kubetrain/operator:0.1.0")
+    create(kube, ns, body)
+    pod = wait_phase(kube, ns, "whoami", "Succeeded", "Failed")
+    state = container_state(pod, "main")["state"]["terminated"]
+    assert state.get("message") == "kubetrain kubetrain /home/kubetrain /home/kubetrain", \
+        local_cluster.node_of(kube, ns, "whoami").logs(ns, "whoami")
+    image = rules.image_from_dockerfile(ROOT / "operator" / "Dockerfile", Path("/venv"))
+    assert image.users == ["kubetrain:x:10001:10001::/home/kubetrain:/usr/sbin/nologin"]
+    passwd = rules.image_passwd(image, "root:x:0:0:root:/root:/bin/bash\n")
+    assert rules.home_directory(10001, passwd) == "/home/kubetrain" and rules.home_directory(0, passwd) == "/root"
+    assert rules.home_directory(4242, passwd) == "/"  # a user the image does not know: "/", as containerd
+    assert rules.image_passwd(image, passwd) == passwd  # not twice
+
+
+def test_a_liveness_probe_failing_fewer_times_than_its_threshold_does_not_restart(local_cluster: Any, kube: Kube,
+                                                                                namespace: str) -> None:
+    ns = namespace
+    # Not alive for its first 1.5 s (probes every second, five failures allowed), alive after: never restarted
+    alive = {"exec": {"command": ["test", "-e", "/tmp/alive"]}, "periodSeconds": 1}
+    body = pod_manifest("slow-start", ["sh", "-c", "sleep 1.5; touch /tmp/alive; exec sleep 1000"], restart="Always",
+                        grace=1, livenessProbe={**alive, "failureThreshold": 5}, readinessProbe=alive)
+    create(kube, ns, body)
+    pod = wait_for(lambda: (p := get(kube, ns, "slow-start")) and condition(p, "Ready") == "True" and p, timeout=60,
+                   what="slow-start Ready")
+    status = container_state(pod)
+    assert status["restartCount"] == 0 and "running" in status["state"], status
+    events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=slow-start")
+    assert "Killing" not in {e["reason"] for e in events}
+
+
+def test_the_bridge_keeps_its_mac_when_pods_come_and_go(local_cluster: Any) -> None:
+    """Else the bridge takes its lowest port's MAC and changes it when that pod goes: the other pods, still
+    sending to the old gateway MAC, cannot reach the API server's forwarder until their ARP entries expire."""
+    net = local_cluster.network
+    mac = Path(f"/sys/class/net/{net.tag}/address").read_text()
+    names = [f"{net.tag}-mac{i}" for i in range(3)]
+    addresses = [net.allocate() for _ in names]
+    try:
+        for name, address in zip(names, addresses, strict=True):
+            net.create_pod_netns(name, address)
+        # a port with a MAC below any other (a bridge without its own would take it)
+        subprocess.run(["ip", "link", "set", "v" + names[0].removeprefix("kt")[:14], "address", "02:00:00:00:00:01"],
+                       check=True)
+        assert Path(f"/sys/class/net/{net.tag}/address").read_text() == mac
+        for name in names[:2]:
+            net.delete_pod_netns(name)
+        assert Path(f"/sys/class/net/{net.tag}/address").read_text() == mac
+    finally:
+        for name, address in zip(names, addresses, strict=True):
+            net.delete_pod_netns(name)
+            net.release(address)

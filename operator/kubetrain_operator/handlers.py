@@ -5,7 +5,9 @@ Run with `kubetrain operator` (or `kopf run -m kubetrain_operator.handlers`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,8 +45,18 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """The pod's service account in a cluster, else $KUBECONFIG (read afresh at every start)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """The pod's service account in a cluster, else $KUBECONFIG (read afresh at every start).
+
+    In a pod, the API server is where $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT say, as for client-go's
+    in-cluster config and this operator's own client (kube.py); Kopf's service-account login alone assumes
+    https://kubernetes.default.svc, which needs cluster DNS and port 443."""
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        return kopf.login_with_kubeconfig(**kwargs)
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if host and port:
+        info = dataclasses.replace(info, server=f"https://{f'[{host}]' if ':' in host else host}:{port}")
+    return info
 
 
 @kopf.on.cleanup()

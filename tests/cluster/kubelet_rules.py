@@ -40,10 +40,11 @@ class Image:
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
     expose: list[str] = field(default_factory=list)  # host paths the image's users must reach (its interpreter)
+    users: list[str] = field(default_factory=list)  # /etc/passwd lines its `useradd`s made (name:x:uid:gid::home:shell)
 
     def to_json(self) -> dict[str, Any]:
         return {"venv": self.venv, "env": self.env, "user": self.user, "workdir": self.workdir,
-                "entrypoint": self.entrypoint, "cmd": self.cmd, "expose": self.expose}
+                "entrypoint": self.entrypoint, "cmd": self.cmd, "expose": self.expose, "users": self.users}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Image:
@@ -66,6 +67,7 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
     user = workdir = None
     entrypoint: list[str] = []
     cmd: list[str] = []
+    users: list[str] = []
     import json
 
     for line in stage:
@@ -78,6 +80,8 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
                     env[k] = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), v)
         elif word == "USER":
             user = rest.strip()
+        elif word == "RUN":
+            users += [u for command in re.split(r"&&|;", rest) if (u := _useradd(command))]
         elif word == "WORKDIR":
             workdir = rest.strip()
         elif word in ("ENTRYPOINT", "CMD"):
@@ -94,7 +98,56 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
     import sys
 
     expose = [os.path.realpath(sys.base_prefix), str(venv)]
-    return Image(venv=str(venv), env=env, user=user, workdir=workdir, entrypoint=entrypoint, cmd=cmd, expose=expose)
+    return Image(venv=str(venv), env=env, user=user, workdir=workdir, entrypoint=entrypoint, cmd=cmd, expose=expose,
+                 users=users)
+
+
+def _useradd(command: str) -> str | None:
+    """The /etc/passwd line that `useradd --uid N [--user-group|--gid G] [--home-dir D] [--shell S] NAME` writes."""
+    words = shlex.split(command)
+    if not words or words[0] != "useradd":
+        return None
+    valued = {"-u": "uid", "--uid": "uid", "-g": "gid", "--gid": "gid", "-d": "home", "--home-dir": "home",
+              "-s": "shell", "--shell": "shell"}
+    opts: dict[str, str] = {}
+    names, i = [], 1
+    while i < len(words):
+        if words[i] in valued and i + 1 < len(words):
+            opts[valued[words[i]]] = words[i + 1]
+            i += 1
+        elif not words[i].startswith("-"):
+            names.append(words[i])
+        i += 1
+    if "uid" not in opts or not names:
+        return None
+    name, uid = names[-1], opts["uid"]
+    return f"{name}:x:{uid}:{opts.get('gid', uid)}::{opts.get('home', f'/home/{name}')}:{opts.get('shell', '/bin/sh')}"
+
+
+def image_passwd(image: Image, host_passwd: str) -> str:
+    """The container's /etc/passwd: the node's (its filesystem is the image's here) plus the image's users."""
+    lines = host_passwd.splitlines()
+    taken = {line.split(":")[0] for line in lines} | {line.split(":")[2] for line in lines if line.count(":") >= 2}
+    extra = [u for u in image.users if u.split(":")[0] not in taken and u.split(":")[2] not in taken]
+    return "\n".join(lines + extra) + "\n"
+
+
+def image_group(image: Image, host_group: str) -> str:
+    """The container's /etc/group: the node's plus a group of each image user's name and gid (--user-group)."""
+    lines = host_group.splitlines()
+    taken = {line.split(":")[0] for line in lines} | {line.split(":")[2] for line in lines if line.count(":") >= 2}
+    extra = [f"{name}:x:{gid}:" for name, _, _, gid, *_ in (u.split(":") for u in image.users)
+             if name not in taken and gid not in taken]
+    return "\n".join(lines + extra) + "\n"
+
+
+def home_directory(uid: int, passwd: str) -> str:
+    """HOME as a container runtime sets it when the image and pod do not: the user's entry, else "/"."""
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 6 and parts[2] == str(uid):
+            return parts[5] or "/"
+    return "/"
 
 
 def repository(image: str) -> str:

@@ -104,7 +104,11 @@ class Network:
         gateway = str(subnet.network_address + 1)
         net = cls(tag=tag, subnet=subnet, gateway=gateway)
         net._record()
-        ip("link", "add", tag, "type", "bridge")
+        # A fixed (locally administered) MAC: a bridge without one takes the lowest of its ports' MACs and changes
+        # it whenever that port goes, and the other pods, still sending to the old gateway MAC, lose the API server
+        # (connects hang until their ARP entries expire) each time a pod is deleted.
+        mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+        ip("link", "add", tag, "address", mac, "type", "bridge")
         ip("addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", tag)
         ip("link", "set", tag, "up")
         net._start_forwarder(api_server_port)

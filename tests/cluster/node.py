@@ -391,7 +391,14 @@ class PodWorker(threading.Thread):
         tlog.chmod(0o666)
         for leftover in ("pid", "start-error"):
             (c.dir / leftover).unlink(missing_ok=True)
-        mounts = []
+        # The image's /etc/passwd and /etc/group (the node's own plus what its Dockerfile's `useradd` made), and
+        # HOME from them where neither the image nor the pod sets it, as container runtimes do.
+        passwd = rules.image_passwd(image, Path("/etc/passwd").read_text())
+        (c.dir / "passwd").write_text(passwd)
+        (c.dir / "group").write_text(rules.image_group(image, Path("/etc/group").read_text()))
+        env.setdefault("HOME", rules.home_directory(uid, passwd))
+        mounts = [{"source": str(c.dir / name), "target": f"/etc/{name}", "readOnly": True}
+                  for name in ("passwd", "group")]
         volume_names = {v["name"] for v in self.pod["spec"].get("volumes") or []}
         for m in c.spec.get("volumeMounts") or []:
             if m["name"] not in volume_names or m["name"] not in self.mounts:
@@ -472,7 +479,9 @@ class PodWorker(threading.Thread):
                 self.reap(c)
 
     def probe(self, c: Container, kind: str) -> bool | None:
-        """Run the container's `kind` probe if it is due; its new result, or None when not run."""
+        """Run the container's `kind` probe if it is due; its result, or None when not run or when neither
+        successThreshold successes nor failureThreshold failures have been counted yet (as the kubelet, a
+        liveness probe that fails once before its first success does not kill the container)."""
         spec = c.spec.get(kind)
         if not spec or c.started_at is None:
             return None
@@ -489,7 +498,8 @@ class PodWorker(threading.Thread):
             if state["result"] is not False or kind == "livenessProbe":
                 self.event("Unhealthy", f"{kind.replace('Probe', '').title()} probe failed", "Warning")
             state["result"] = False
-        return bool(state["result"])
+        result: bool | None = state["result"]
+        return result
 
     def run_containers(self) -> None:
         """Init containers in order, then the others, until they are done or the pod is deleted."""
