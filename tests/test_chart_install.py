@@ -238,7 +238,8 @@ def test_a_job_applied_with_kubectl_is_reconciled_by_the_installed_operator(
                          "workers": {"nodes": 1, "procPerNode": 1,
                                      "podTemplate": {"nodeSelector": {"kubetrain.io/local-node": "true"},
                                                      "terminationGracePeriodSeconds": 30}},
-                         "runPolicy": {"maxRestarts": 2}}}
+                         # torchrun gets --max-restarts from it: 0, or it runs the trainer again first
+                         "runPolicy": {"maxRestarts": 0}}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
     kubectl(release.kubeconfig, "apply", "-n", ns, "-f", str(path))
