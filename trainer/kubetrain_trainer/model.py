@@ -70,6 +70,16 @@ def build_model(cfg: LlamaConfig, device: torch.device | str = "cpu", seed: int 
     return model
 
 
+def load_pretrained_weights(model: LlamaForCausalLM, path: str) -> None:
+    """model.initFrom: copy a Hugging Face model directory's weights into `model` (same architecture)."""
+    try:
+        src = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        model.load_state_dict(src.state_dict())
+    except Exception as exc:
+        raise ConfigError(f"model.initFrom: cannot load {path} into this model "
+                          f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+
 def model_fingerprint(cfg: LlamaConfig) -> str:
     """Identifies the architecture (not the weights), so a checkpoint can be matched to a model."""
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
