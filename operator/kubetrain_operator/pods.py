@@ -8,6 +8,7 @@ from typing import Any
 
 from kubetrain_trainer.errors import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
 
+from .coerce import as_dict, as_int, as_list, as_str
 from .render import CONTAINER, LABEL_INDEX
 from .timeutil import parse_time
 
@@ -41,22 +42,6 @@ class ObservedPod:
         return self.phase == "Failed" or (self.terminating and self.phase != "Succeeded")
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _map(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def replica_index(labels: Any) -> int | None:
     raw = labels.get(LABEL_INDEX) if isinstance(labels, dict) else None
     return int(raw) if isinstance(raw, str) and raw.isdigit() else None
@@ -66,26 +51,27 @@ def observe_pod(body: Any) -> ObservedPod | None:
     """The facts the planner needs from a pod body; None when it is not a worker pod we can place."""
     if not isinstance(body, dict):
         return None
-    meta, status = _map(body.get("metadata")), _map(body.get("status"))
+    meta, status = as_dict(body.get("metadata")), as_dict(body.get("status"))
     index = replica_index(meta.get("labels"))
-    name = _str(meta.get("name"))
+    name = as_str(meta.get("name"))
     if index is None or name is None:
         return None
     # A real API server always sets a uid; without one, name + creation time still tell pods apart.
-    uid = _str(meta.get("uid")) or f"{name}@{meta.get('creationTimestamp') or ''}"
+    uid = as_str(meta.get("uid")) or f"{name}@{meta.get('creationTimestamp') or ''}"
     exit_code = reason = message = waiting = None
-    for cs in _list(status.get("containerStatuses")):
+    for cs in as_list(status.get("containerStatuses")):
         if not isinstance(cs, dict) or cs.get("name") != CONTAINER:
             continue
-        state = _map(cs.get("state"))
-        term = _map(state.get("terminated"))
+        state = as_dict(cs.get("state"))
+        term = as_dict(state.get("terminated"))
         if term:
-            exit_code, reason, message = _int(term.get("exitCode")), _str(term.get("reason")), _str(term.get("message"))
-        wait = _map(state.get("waiting"))
-        if wait and _str(wait.get("reason")) not in (None, "ContainerCreating", "PodInitializing"):
+            exit_code, reason = as_int(term.get("exitCode")), as_str(term.get("reason"))
+            message = as_str(term.get("message"))
+        wait = as_dict(state.get("waiting"))
+        if wait and as_str(wait.get("reason")) not in (None, "ContainerCreating", "PodInitializing"):
             waiting = f"{wait.get('reason')}: {wait.get('message') or ''}".rstrip(": ")
     ready = False
-    for cond in _list(status.get("conditions")):
+    for cond in as_list(status.get("conditions")):
         if not isinstance(cond, dict):
             continue
         if cond.get("type") == "Ready":
@@ -97,14 +83,14 @@ def observe_pod(body: Any) -> ObservedPod | None:
     # the deletion was asked for that many seconds before it.
     deletion_time = parse_time(deletion)
     if deletion_time is not None:
-        deletion_time -= _int(meta.get("deletionGracePeriodSeconds")) or 0
-    phase = _str(status.get("phase")) or "Pending"
+        deletion_time -= as_int(meta.get("deletionGracePeriodSeconds")) or 0
+    phase = as_str(status.get("phase")) or "Pending"
     return ObservedPod(
         name=name, index=index, uid=uid, phase=phase,
         terminating=deletion is not None, deletion_time=deletion_time,
         exit_code=exit_code, container_reason=reason, termination_message=message,
-        pod_reason=_str(status.get("reason")), pod_message=_str(status.get("message")),
-        ready=ready and phase == "Running", ip=_str(status.get("podIP")), waiting=waiting,
+        pod_reason=as_str(status.get("reason")), pod_message=as_str(status.get("message")),
+        ready=ready and phase == "Running", ip=as_str(status.get("podIP")), waiting=waiting,
     )
 
 

@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from typing import Any
 
 import aiohttp
 
+from .coerce import as_count, as_dict, as_number
 from .timeutil import iso, iso_precise, parse_time
 
 _NUMBERS = ("loss", "evalLoss", "tokensPerSecond", "mfu", "etaSeconds")
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None  # Kubernetes JSON has no NaN/inf
-
-
-def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return int(value) if value >= 0 else None
-
-
 def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
     """The merge patch that brings status.progress/checkpoint up to `data` (empty: nothing new).
     progress.stepTime moves only when the step changes: the planner's stall detection reads it."""
-    if not isinstance(data, dict) or _count(data.get("step")) is None:
+    if not isinstance(data, dict) or as_count(data.get("step"), floats=True) is None:
         return {}
-    status = status if isinstance(status, dict) else {}
-    old = status.get("progress") if isinstance(status.get("progress"), dict) else {}
-    step = _count(data.get("step"))
-    new: dict[str, Any] = {"step": step, "maxSteps": _count(data.get("maxSteps"))}
+    status = as_dict(status)
+    old = as_dict(status.get("progress"))
+    step = as_count(data.get("step"), floats=True)
+    new: dict[str, Any] = {"step": step, "maxSteps": as_count(data.get("maxSteps"), floats=True)}
     for key in _NUMBERS:
-        new[key] = _number(data.get(key))
+        new[key] = as_number(data.get(key))
     phase = data.get("phase")
     new["phase"] = phase[:64] if isinstance(phase, str) else None
     updated = parse_time(data.get("updatedAt"))
@@ -47,12 +35,12 @@ def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
     if progress:
         patch["progress"] = progress
     ckpt = data.get("checkpoint")
-    if isinstance(ckpt, dict) and _count(ckpt.get("step")) is not None:
+    if isinstance(ckpt, dict) and as_count(ckpt.get("step"), floats=True) is not None:
         when = parse_time(ckpt.get("time"))
-        new_ckpt = {"step": _count(ckpt.get("step")),
+        new_ckpt = {"step": as_count(ckpt.get("step"), floats=True),
                     "uri": ckpt.get("uri") if isinstance(ckpt.get("uri"), str) else None,
                     "time": iso(when) if when is not None else None}
-        old_ckpt = status.get("checkpoint") if isinstance(status.get("checkpoint"), dict) else {}
+        old_ckpt = as_dict(status.get("checkpoint"))
         changed = {k: v for k, v in new_ckpt.items() if old_ckpt.get(k) != v and v is not None}
         if changed:
             patch["checkpoint"] = changed

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .coerce import as_count, as_dict
 from .pods import ObservedPod, Outcome, classify
 from .render import JobRef, pod_name, selector
 from .spec import JobSpec
@@ -75,14 +76,6 @@ def backoff_seconds(base: float, restarts: int, cap: float) -> float:
 
 # --- status parsing (robust to anything a user or an older operator wrote) ---------------------------
 
-def _d(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _i(value: Any, default: int = 0) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
-
-
 @dataclass
 class _State:
     phase: str | None
@@ -102,8 +95,8 @@ class _State:
 
     @classmethod
     def parse(cls, status: Any) -> _State:
-        s = _d(status)
-        t = _d(s.get("tracking"))
+        s = as_dict(status)
+        t = as_dict(s.get("tracking"))
         phase = s.get("phase") if s.get("phase") in (PENDING, RUNNING, RESTARTING, SUSPENDED, *TERMINAL) else None
         return cls(
             phase=phase,
@@ -111,16 +104,16 @@ class _State:
             message=s.get("message") if isinstance(s.get("message"), str) else None,
             conditions=[c for c in s.get("conditions") or [] if isinstance(c, dict) and isinstance(c.get("type"), str)]
             if isinstance(s.get("conditions"), list) else [],
-            restarts=_i(s.get("restarts")),
+            restarts=as_count(s.get("restarts")) or 0,
             start_time=parse_time(s.get("startTime")),
             completion_time=parse_time(s.get("completionTime")),
-            launched=_i(t.get("launched")),
-            replacing={k: v for k, v in _d(t.get("replacing")).items() if k.isdigit() and isinstance(v, str)},
+            launched=as_count(t.get("launched")) or 0,
+            replacing={k: v for k, v in as_dict(t.get("replacing")).items() if k.isdigit() and isinstance(v, str)},
             last_failure=parse_time(t.get("lastFailureTime")),
             below_min_since=parse_time(t.get("belowMinSince")),
             restart_time=parse_time(t.get("restartTime")),
             full_restart=t.get("fullRestart") is True,
-            step_time=parse_time(_d(s.get("progress")).get("stepTime")),
+            step_time=parse_time(as_dict(s.get("progress")).get("stepTime")),
         )
 
 
@@ -176,7 +169,7 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
 class _Planner:
     def __init__(self, job: JobView, status: Any, pods: list[ObservedPod], now: float, cfg: PlannerConfig):
         self.job, self.now, self.cfg = job, now, cfg
-        self.old_status = _d(status)
+        self.old_status = as_dict(status)
         self.st = _State.parse(status)
         # Only pods with the name we would give them belong to the job (labels alone could be copied).
         self.pods = {p.index: p for p in sorted(pods, key=lambda p: p.index)
@@ -211,12 +204,13 @@ class _Planner:
     def run(self) -> Plan:
         job, st = self.job, self.st
         # The size a started job runs at, kept when a resize is refused.
-        current = _i(_d(self.old_status.get("workers")).get("desired")) if st.start_time is not None else 0
+        recorded = as_count(as_dict(self.old_status.get("workers")).get("desired")) or 0
+        current = recorded if st.start_time is not None else 0
         if st.phase in TERMINAL:
             self.finished(None)
         elif job.spec is not None and job.error is not None and job.size_only and current > 0:
             # `kubectl scale` to a size the batch does not split over: keep the size, say why.
-            if _d(self.old_status).get("observedGeneration") != job.generation:
+            if self.old_status.get("observedGeneration") != job.generation:
                 self.event("Warning", "ScaleRejected", f"{job.error}; staying at {current} workers")
             workers = job.spec.workers.model_copy(update={"nodes": current, "min_nodes": None, "max_nodes": None})
             self.active(job.spec.model_copy(update={"workers": workers}))
@@ -284,7 +278,8 @@ class _Planner:
             if pod.index >= desired:
                 self.delete(pod)
         st.replacing = {k: v for k, v in st.replacing.items() if int(k) < desired}
-        previous = _i(_d(self.old_status.get("workers")).get("desired"), desired)
+        previous = as_count(as_dict(self.old_status.get("workers")).get("desired"))
+        previous = desired if previous is None else previous
         if st.launched and previous != desired:
             self.event("Normal", "Scaled", f"workers {previous} → {desired}")
         st.launched = min(st.launched, desired)
@@ -396,7 +391,7 @@ class _Planner:
         since = max(t for t in (st.step_time, st.restart_time, st.start_time, 0.0) if t is not None)
         if self.now - since < timeout:
             return self.wake_at(since + timeout)
-        step = _d(self.old_status.get("progress")).get("step")
+        step = as_dict(self.old_status.get("progress")).get("step")
         message = f"no training step for {timeout}s (stuck at step {step}); a hung collective is the usual cause"
         if self.count(1, "Stalled", message):
             self.restart_all(message + "; restarting all workers")
