@@ -62,6 +62,7 @@ JOB_LABEL = "kubetrain.io/job-name"
 CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler")
 NO_NODE = {"kubetrain.io/bench": "no-such-node"}
 MAX_STEPS = 1_000_000
+DISTURBED = 0.10  # other processes' share of the machine above which a run is measured again
 AIMS = {"seconds_to_all_pods": 4.0, "ratio_to_bare": 0.5, "status_converged_seconds": 3.0,
         "operator_peak_rss_mib": 250.0}
 
@@ -494,13 +495,13 @@ def api_diff(before: dict[str, float], after: dict[str, float], top: int = 12) -
     return dict(sorted(diff.items(), key=lambda kv: -kv[1])[:top])
 
 
-async def settle(max_wait: float = 90.0, busy: float = 0.15) -> float:
-    """Wait until the machine is < `busy` busy over 1 s (the control plane done with the last phase's
-    aftermath); returns the busy fraction it ended at."""
+async def settle(max_wait: float, busy: float = 0.15) -> float:
+    """Wait until the machine is < `busy` busy over 2 s (the control plane done with the last phase's
+    aftermath, other processes quiet), at most `max_wait` s; returns the busy fraction it ended at."""
     deadline = time.monotonic() + max_wait
     psutil.cpu_percent(None)
     while True:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         load = psutil.cpu_percent(None) / 100
         if load < busy or time.monotonic() > deadline:
             return load
@@ -557,7 +558,7 @@ class Operator:
 
 
 async def bare_client(http: aiohttp.ClientSession, ns: str, jobs: int, workers: int, concurrency: int,
-                      meter: CpuMeter, metrics_port: int) -> dict[str, Any]:
+                      meter: CpuMeter, metrics_port: int, settle_seconds: float) -> dict[str, Any]:
     """pods/s of plain POSTs of the operator's own rendering of the same pods (for N real jobs, so their
     ownerReferences hold and the garbage collector has the same work)."""
     from kubetrain_operator.controller import job_view
@@ -571,7 +572,7 @@ async def bare_client(http: aiohttp.ClientSession, ns: str, jobs: int, workers: 
         async with http.post(pods_url(ns), json=body) as resp:
             await check(resp, 201)
 
-    idle = await settle()
+    idle = await settle(settle_seconds)
     # Timed as the operator is: until the bench's own watch has seen every pod (the same watch runs in both).
     async with Watch(http, pods_url(ns), labelSelector=JOB_LABEL) as pod_watch:
         before = await api_counts(http)
@@ -595,9 +596,9 @@ def _ready(workers: int, jobs: int) -> Callable[[dict[str, dict[str, Any]]], boo
 
 async def operator_run(http: aiohttp.ClientSession, kubeconfig: Path, ns: str, jobs: int, workers: int,
                        concurrency: int, timeout: float, log: Path, meter: CpuMeter, pod_ip: str | None,
-                       metrics_port: int) -> dict[str, Any]:
+                       metrics_port: int, settle_seconds: float) -> dict[str, Any]:
     pods = jobs * workers
-    idle = await settle()
+    idle = await settle(settle_seconds)
     op = Operator(kubeconfig, ns, log)
     meter.add("operator", op.proc.pid)
     result: dict[str, Any] = {"operator_log": str(log), "busy_before": idle}
@@ -681,28 +682,38 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             crd_created = await ensure_crd(http)
             try:
                 for r in range(args.runs):
-                    meter = CpuMeter(pids)
-                    tag = secrets.token_hex(3)
-                    ns_bare, ns_op = f"{args.namespace_prefix}-{tag}-bare", f"{args.namespace_prefix}-{tag}-op"
-                    order = ["bare", "operator"] if r % 2 == 0 else ["operator", "bare"]  # alternate who goes first
-                    run: dict[str, Any] = {"run": r + 1, "order": order}
-                    for contender in order:
-                        ns = ns_bare if contender == "bare" else ns_op
-                        await create_namespace(http, ns)
-                        try:
-                            if contender == "bare":
-                                run["bare"] = await bare_client(http, ns, args.jobs, args.workers, args.concurrency,
-                                                                meter, metrics_port)
-                            else:
-                                run["operator"] = await operator_run(
-                                    http, kubeconfig, ns, args.jobs, args.workers, args.concurrency, args.timeout,
-                                    logs / f"operator-{r + 1}.log", meter, pod_ip if metrics_port else None,
-                                    metrics_port)
-                        finally:
-                            await delete_namespace(http, ns, args.concurrency)
-                    run["ratio_to_bare"] = run["operator"]["pods_per_second"] / run["bare"]["pods_per_second"]
-                    runs.append(run)
-                    print(report_run(run, args.jobs, args.workers), file=sys.stderr, flush=True)
+                    attempts: list[dict[str, Any]] = []
+                    for attempt in range(1 + args.retries):  # re-measured while other processes disturb it
+                        meter = CpuMeter(pids)
+                        tag = secrets.token_hex(3)
+                        ns_bare, ns_op = f"{args.namespace_prefix}-{tag}-bare", f"{args.namespace_prefix}-{tag}-op"
+                        order = ["bare", "operator"] if r % 2 == 0 else ["operator", "bare"]  # alternate the first
+                        run: dict[str, Any] = {"run": r + 1, "attempt": attempt + 1, "order": order}
+                        for contender in order:
+                            ns = ns_bare if contender == "bare" else ns_op
+                            await create_namespace(http, ns)
+                            try:
+                                if contender == "bare":
+                                    run["bare"] = await bare_client(http, ns, args.jobs, args.workers,
+                                                                    args.concurrency, meter, metrics_port, args.settle)
+                                else:
+                                    run["operator"] = await operator_run(
+                                        http, kubeconfig, ns, args.jobs, args.workers, args.concurrency,
+                                        args.timeout, logs / f"operator-{r + 1}-{attempt + 1}.log", meter,
+                                        pod_ip if metrics_port else None, metrics_port, args.settle)
+                            finally:
+                                await delete_namespace(http, ns, args.concurrency)
+                        run["ratio_to_bare"] = run["operator"]["pods_per_second"] / run["bare"]["pods_per_second"]
+                        run["others_share"] = others_share(run)
+                        run["disturbed"] = run["others_share"] > DISTURBED
+                        print(report_run(run, args.jobs, args.workers), file=sys.stderr, flush=True)
+                        attempts.append(run)
+                        if not run["disturbed"]:
+                            break
+                    best = min(attempts, key=lambda a: a["others_share"])
+                    best["disturbed_attempts"] = [{k: a[k] for k in ("attempt", "others_share", "ratio_to_bare")}
+                                                  for a in attempts if a is not best]
+                    runs.append(best)
             finally:
                 if crd_created and args.kubeconfig:
                     await delete_crd(http)
@@ -735,12 +746,13 @@ def _cpu(c: dict[str, float]) -> str:
             + f" (machine {100 * c['machine'] / capacity:.0f}% busy, others {100 * c['others'] / capacity:.0f}%)")
 
 
-def disturbed(run: dict[str, Any], limit: float = 0.10) -> bool:
-    """Other processes (not the bench, operator or control plane) took > `limit` of the machine in a timed phase."""
+def others_share(run: dict[str, Any]) -> float:
+    """The largest share of the machine that other processes (not the bench, the operator or the control plane)
+    took in one of the run's timed phases."""
     phases = [run["bare"]["cpu_seconds"], *(run["operator"].get(k) for k in ("cpu_seconds_creating",
                                                                                "cpu_seconds_converging"))]
     cpus = psutil.cpu_count() or 1
-    return any(c is not None and c["others"] > limit * c["wall"] * cpus for c in phases)
+    return max(c["others"] / (c["wall"] * cpus) for c in phases if c is not None)
 
 
 def report_run(run: dict[str, Any], jobs: int, workers: int) -> str:
@@ -753,7 +765,8 @@ def report_run(run: dict[str, Any], jobs: int, workers: int) -> str:
         return "" if flag is None else (" MET" if flag else " MISSED")
 
     first, second = run["order"]
-    lines = [f"run {run['run']} ({first} first, {second} second): {jobs} jobs × {workers} workers = {pods} pods",
+    lines = [f"run {run['run']}, attempt {run['attempt']} ({first} first, {second} second): {jobs} jobs × {workers} "
+             f"workers = {pods} pods",
              f"  bare aiohttp client   {bare['pods_per_second']:8.0f} pods/s, all {pods} in {bare['seconds']:.2f} s",
              f"  operator              {op['pods_per_second']:8.0f} pods/s = {run['ratio_to_bare']:.2f}× bare "
              f"(aim ≥ 0.5×{mark('ratio_to_bare')}); "
@@ -781,15 +794,21 @@ def report_run(run: dict[str, Any], jobs: int, workers: int) -> str:
                        ("patches+converge", op.get("api_converging"))):
         if api:
             lines.append(f"  API, {label + ':':17s} " + ", ".join(f"{k} {v}" for k, v in api.items()))
-    if disturbed(run):
-        lines.append("  DISTURBED: other processes took > 10% of the machine in a timed phase")
+    if run.get("disturbed"):
+        lines.append(f"  DISTURBED: other processes took {100 * run['others_share']:.0f}% of the machine in a timed "
+                     f"phase (> {100 * DISTURBED:.0f}%)")
     return "\n".join(lines)
 
 
 def report(result: dict[str, Any]) -> str:
     pods = result["jobs"] * result["workers"]
     lines = [f"{result['target']}; {result['cpus']} CPUs; concurrency {result['concurrency']}"]
-    lines += [report_run(run, result["jobs"], result["workers"]) for run in result["runs"]]
+    for run in result["runs"]:
+        lines.append(report_run(run, result["jobs"], result["workers"]))
+        for other in run.get("disturbed_attempts") or []:
+            share = 100 * other["others_share"]
+            lines.append(f"  (attempt {other['attempt']} left out: other processes took {share:.0f}% of the machine; "
+                         f"it measured {other['ratio_to_bare']:.2f}× bare)")
     names = {"seconds_to_all_pods": "all pods created ≤ 4 s", "ratio_to_bare": "≥ 0.5× the bare client",
              "status_converged_seconds": "status converged ≤ 3 s", "operator_peak_rss_mib": "operator RSS ≤ 250 MiB"}
     lines.append("aims:")
@@ -813,6 +832,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--runs", type=int, default=1, help="bare client and operator per run; the order alternates")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight (both contenders)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="measure a run again (at most this often) while other processes take > 10%% of the "
+                             "machine in one of its timed phases; the least disturbed attempt is kept")
+    parser.add_argument("--settle", type=float, default=180.0,
+                        help="before each contender, wait at most this long for the machine to be < 15%% busy")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
