@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.client import ApiError, Kube, ns_path
+from kubetrain_operator.bookkeeping import apply_merge_patch
+from kubetrain_operator.planner import JobView, Plan, PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
-from kubetrain_operator.reconcile import JobView, Plan, PlannerConfig, apply_merge_patch, plan
 from kubetrain_operator.render import JobRef
 from kubetrain_operator.validate import validate_job
 

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from .bookkeeping import OWNED, apply_merge_patch
 from .kube import Kube
 from .metrics import JobSummary, OperatorMetrics
+from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, observe_pod
 from .progress import fetch_progress, progress_patch
-from .reconcile import OWNED, JobView, Plan, PlannerConfig, apply_merge_patch, plan
 from .render import JobRef, render_configmap, render_pod, render_service
 from .spec import JobSpec
 from .status import RESTARTING, RUNNING

@@ -1,0 +1,141 @@
+"""The reconcile planner: (job, its status, observed pods, now) → what to do and the new status.
+
+Pure and level-triggered: every decision comes from the spec, the pods as observed now, and the
+bookkeeping the operator keeps in the job's own status (bookkeeping.py), so a restarted operator
+continues exactly. The controller executes a Plan; nothing here talks to Kubernetes. This module decides
+which policy (policies/*.py) applies, in which order, and the phase; the policies hold the rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bookkeeping import OWNED, merge_patch, update_conditions
+from .coerce import as_count, as_dict
+from .draft import Deletion, Draft, Event, JobView, Plan, PlannerConfig
+from .pods import ObservedPod
+from .policies import elastic, stall, suspend, time_limits, workers
+from .policies.completion import fail, finished, succeed
+from .policies.restart import count_incidents, permanent_failure
+from .render import selector
+from .spec import JobSpec
+from .status import PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
+from .timeutil import iso_precise
+
+# The planner's interface; the types live in draft.py beside the Draft the policies edit.
+__all__ = ["Deletion", "Event", "JobView", "Plan", "PlannerConfig", "plan"]
+
+
+def plan(job: JobView, status: Any, pods: list[ObservedPod], now: float,
+         cfg: PlannerConfig | None = None) -> Plan:
+    """What to do now for one job. Never raises on any status or pod state."""
+    d = Draft(job, status, pods, now, cfg or PlannerConfig())
+    st = d.st
+    # The size a started job runs at, kept when a resize is refused.
+    recorded = as_count(as_dict(d.old_status.get("workers")).get("desired")) or 0
+    current = recorded if st.start_time is not None else 0
+    if st.phase in TERMINAL:
+        finished(d, None)
+    elif job.spec is not None and job.error is not None and job.size_only and current > 0:
+        # `kubectl scale` to a size the batch does not split over: keep the size, say why.
+        if d.old_status.get("observedGeneration") != job.generation:
+            d.event("Warning", "ScaleRejected", f"{job.error}; staying at {current} workers")
+        kept = job.spec.workers.model_copy(update={"nodes": current, "min_nodes": None, "max_nodes": None})
+        _active(d, job.spec.model_copy(update={"workers": kept}))
+    elif job.spec is None or job.error is not None:
+        fail(d, "InvalidSpec", job.error or "invalid spec")
+    else:
+        _active(d, job.spec)
+    return _finish(d)
+
+
+def _active(d: Draft, spec: JobSpec) -> None:
+    """A job that should run: the policies in the order that matters. Success and permanent failures
+    first (nothing else matters then), the deadline, suspend; then the size, the restarts counted, the
+    pods to create, below-minNodes, the phase, and a stall (only once running)."""
+    d.desired = desired = spec.workers.nodes
+    st, low = d.st, spec.workers.elastic_range[0]
+    p0 = d.pods.get(0)
+    if p0 is not None and p0.phase == "Succeeded":
+        return succeed(d, f"worker 0 exited 0 after {st.restarts} restart(s)")
+    permanent = permanent_failure(d)
+    if permanent is not None:
+        return fail(d, permanent.reason, permanent.message)
+    late = time_limits.past_deadline(d, spec)
+    if late is not None:
+        return fail(d, "DeadlineExceeded", late)
+    if spec.run_policy.suspend:
+        return suspend.suspend(d)
+    suspend.resume_if_suspended(d)
+
+    previous = as_count(as_dict(d.old_status.get("workers")).get("desired"))
+    workers.scale_down(d, desired, desired if previous is None else previous)
+    # A full restart under way has nothing new to count: its pods are all recorded as replaced.
+    if not st.full_restart and not count_incidents(d, spec):
+        return
+    workers.create(d, spec, desired)
+    if not st.full_restart:
+        elastic.check_below_min(d, spec, low)
+    if d.phase in TERMINAL:
+        return
+    _decide_phase(d, low, desired)
+    if d.phase == RUNNING and not st.full_restart and stall.check_stall(d, spec):
+        _decide_phase(d, low, desired)
+
+
+def _decide_phase(d: Draft, low: int, desired: int) -> None:
+    st = d.st
+    live = [p for p in d.pods.values() if p.index < desired and p.uid not in d.deleting]
+    running = sum(1 for p in live if p.alive and p.phase in ("Running", "Succeeded"))
+    alive = sum(1 for p in live if p.alive) + len(d.plan.create)
+    if st.full_restart:
+        d.set_phase(RESTARTING, "RestartingAllWorkers", f"restart {st.restarts}: relaunching all workers")
+    elif running >= low:
+        if d.phase != RUNNING:
+            st.restart_time = d.now  # stall detection counts from here
+        note = f"; replacing {len(st.replacing)}" if st.replacing else ""
+        d.set_phase(RUNNING, "WorkersRunning", f"{running}/{desired} workers running{note}")
+    elif st.replacing:
+        d.set_phase(RESTARTING, "ReplacingWorkers",
+                    f"restart {st.restarts}: {alive}/{desired} workers alive, minimum {low}")
+    else:
+        waiting = next((f"; {p.name}: {p.waiting}" for p in live if p.waiting), "")
+        d.set_phase(PENDING, "WorkersStarting", f"{running}/{desired} workers running{waiting}"[:1000])
+
+
+def _finish(d: Draft) -> Plan:
+    """The new status (as a merge patch over the fields the planner owns) and when to look again."""
+    st, job = d.st, d.job
+    desired = d.desired if d.desired is not None else (job.spec.workers.nodes if job.spec else 0)
+    in_range = [p for p in d.pods.values() if p.index < max(desired, 1) and p.uid not in d.deleting]
+    if d.phase in TERMINAL or d.phase == SUSPENDED:
+        in_range = [p for p in in_range if not p.terminating and p.uid not in d.deleting]
+    worker_counts = {
+        "desired": desired,
+        "active": sum(1 for p in in_range if p.alive and p.phase != "Succeeded") + len(d.plan.create),
+        "ready": sum(1 for p in in_range if p.ready),
+        "failed": sum(1 for p in d.pods.values() if p.ended_badly),
+    }
+    tracking = {
+        "launched": st.launched,
+        "replacing": dict(sorted(st.replacing.items(), key=lambda kv: int(kv[0]))),
+        "lastFailureTime": iso_precise(st.last_failure) if st.last_failure is not None else None,
+        "belowMinSince": iso_precise(st.below_min_since) if st.below_min_since is not None else None,
+        "restartTime": iso_precise(st.restart_time) if st.restart_time is not None else None,
+        "fullRestart": st.full_restart,
+    }
+    new: dict[str, Any] = {
+        "phase": d.phase, "reason": d.reason, "message": d.message,
+        "conditions": update_conditions(st.conditions, d.phase, d.reason, d.message, d.now),
+        "workers": worker_counts, "restarts": st.restarts,
+        "startTime": iso_precise(st.start_time) if st.start_time is not None else None,
+        "completionTime": iso_precise(st.completion_time) if st.completion_time is not None else None,
+        "observedGeneration": job.generation, "selector": selector(job.ref),
+        "tracking": {k: v for k, v in tracking.items() if v is not None},
+    }
+    new = {k: v for k, v in new.items() if v is not None}
+    old = {k: d.old_status[k] for k in OWNED if k in d.old_status}
+    d.plan.status_patch = merge_patch(old, new)
+    d.plan.phase = d.phase
+    d.plan.requeue_after = min(d.requeue) if d.requeue else None
+    return d.plan
