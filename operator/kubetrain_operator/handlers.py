@@ -1,4 +1,4 @@
-"""Kopf handlers: thin, one concept each; the work is in controller.py (loops) and reconcile.py (logic).
+"""Kopf handlers: thin, one concept each; the work is in controller.py (loops) and planner.py (logic).
 
 Run with `kubetrain operator` (or `kopf run -m kubetrain_operator.handlers`).
 """
