@@ -230,7 +230,7 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
     `<x>.core.create_namespaced_pod`, `<x>.custom.patch_namespaced_custom_object_status` ... where `<x>.core`
     was assigned a kubernetes_asyncio API class (CoreV1Api, CustomObjectsApi, CoordinationV1Api)."""
     calls: set[tuple[str, str, str]] = set()
-    for path in sorted(OPERATOR_SRC.glob("*.py")):
+    for path in sorted(OPERATOR_SRC.rglob("*.py")):
         tree = ast.parse(path.read_text())
         apis: dict[str, str] = {}  # attribute name → API class
         for node in ast.walk(tree):
