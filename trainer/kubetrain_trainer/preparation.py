@@ -223,7 +223,9 @@ def prepare(
     batch_chars: int = 4_000_000,
     extra_meta: dict[str, Any] | None = None,
 ) -> PrepareStats:
-    """Clean, de-duplicate, tokenise (in parallel, in Rust) and write shards; atomically replaces `output`."""
+    """Clean, de-duplicate, tokenise (in parallel, in Rust) and write shards; atomically replaces `output`.
+    One function because it is one pipeline: the loop reads, cleans and de-duplicates the next batch
+    while the pool tokenises the last one, and writes each batch as its tokens come back."""
     from .tokenizer import tokenizer_fingerprint
 
     backend = tokenizer.backend_tokenizer
