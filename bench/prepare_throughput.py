@@ -9,7 +9,7 @@ at most 2 threads/processes (the machine's 2 cores):
   encode_batch        the same with encode_batch (offsets computed too), for reference
   datasets.map np=1   the standard HF run_clm recipe: Dataset.from_dict({"text": docs}).map(tokenize
   datasets.map np=2   + append EOS + concatenate + pack into 256-token blocks, batched=True, num_proc=N)
-  kubetrain prepare   kubetrain_trainer.data.prepare(...) end to end: read the files, clean, de-duplicate,
+  kubetrain prepare   kubetrain_trainer.preparation.prepare(...) end to end: read the files, clean, de-duplicate,
                       split, tokenise, write shards and index (it does strictly more work than the others)
 
 Every measurement runs in a fresh subprocess (timed inside it, excluding interpreter start, imports

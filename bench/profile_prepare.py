@@ -1,4 +1,4 @@
-"""Where kubetrain_trainer.data.prepare spends its time: cProfile of the main thread plus timing of
+"""Where kubetrain_trainer.preparation.prepare spends its time: cProfile of the main thread plus timing of
 every tokenizer call (which runs in prepare's worker thread, outside cProfile's view).
 
     .venv/bin/python bench/profile_prepare.py [--input corpus://shakespeare] [--tokenizer DIR] [--top 12]
