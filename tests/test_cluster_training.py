@@ -130,6 +130,30 @@ def diagnose(local_cluster: Any, kube: Kube, ns: str, name: str, operator_log: P
     return "\n".join(parts)
 
 
+def wait_or_explain(condition: Any, why: Any, timeout: float, what: str) -> Any:
+    """wait_for, failing with the job's status, its pods' logs and the operator's log."""
+    try:
+        return wait_for(condition, timeout=timeout, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{why()}") from None
+
+
+def progress_step(kube: Kube, ns: str, name: str) -> int:
+    return int((status(kube, ns, name).get("progress") or {}).get("step") or 0)
+
+
+def long_job_at_step(local_cluster: Any, kube: Kube, control_plane: Any, ns: str, name: str, s3: MotoServer,
+                     tmp_path: Path, step: int, **overrides: Any) -> Any:
+    """Apply a job far longer than the test (no periodic checkpoint, no export) and wait until it has
+    trained `step` steps; returns the `why` for later waits."""
+    body = manifest(ns, name, s3, secret(kube, ns), training={"maxSteps": 2000},
+                    checkpoint={"everySteps": 100000, "exportHF": False}, **overrides)
+    apply(control_plane, body, tmp_path)
+    why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731
+    wait_or_explain(lambda: progress_step(kube, ns, name) >= step, why, 300, f"training to reach step {step}")
+    return why
+
+
 def test_two_node_job_trains_to_succeeded_with_s3_checkpoints_and_an_export_that_loads(
         local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
         tmp_path: Path) -> None:
@@ -145,10 +169,7 @@ def test_two_node_job_trains_to_succeeded_with_s3_checkpoints_and_an_export_that
             seen.append(int(step))
         return st.get("phase") in ("Succeeded", "Failed")
 
-    try:
-        wait_for(progressed_or_done, timeout=400, what="the job to end")
-    except AssertionError:
-        raise AssertionError(why()) from None
+    wait_or_explain(progressed_or_done, why, 400, "the job to end")
     st = status(kube, ns, "tiny")
     assert st["phase"] == "Succeeded", why()
     assert seen and 0 < min(seen) <= 16, f"progress while running: {seen}"  # status followed the live trainer
@@ -176,15 +197,8 @@ def test_suspend_commits_a_sigterm_checkpoint_and_resume_continues_from_it(
         local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
         tmp_path: Path) -> None:
     ns = namespace
-    body = manifest(ns, "pausable", bed_s3, secret(kube, ns), training={"maxSteps": 2000},
-                    checkpoint={"everySteps": 100000, "exportHF": False}, workers={"nodes": 1})
-    apply(control_plane, body, tmp_path)
-    why = lambda: diagnose(local_cluster, kube, ns, "pausable", tmp_path / "operator.log")  # noqa: E731
-    try:
-        wait_for(lambda: ((status(kube, ns, "pausable").get("progress") or {}).get("step") or 0) >= 3, timeout=300,
-                 what="training to reach step 3")
-    except AssertionError:
-        raise AssertionError(why()) from None
+    why = long_job_at_step(local_cluster, kube, control_plane, ns, "pausable", bed_s3, tmp_path, 3,
+                           workers={"nodes": 1})
     pod = workers(kube, ns, "pausable")[0]["metadata"]["name"]
     node = local_cluster.node_of(kube, ns, pod)
     kube.patch(JOBS.format(ns=ns) + "/pausable", {"spec": {"runPolicy": {"suspend": True}}})
@@ -204,12 +218,8 @@ def test_suspend_commits_a_sigterm_checkpoint_and_resume_continues_from_it(
         p = pods[0]
         return f"at step {step}" in local_cluster.node(p["spec"]["nodeName"]).logs(ns, p["metadata"]["name"])
 
-    try:
-        wait_for(resumed, timeout=300, what=f"the resumed trainer to load step {step}")
-        wait_for(lambda: ((status(kube, ns, "pausable").get("progress") or {}).get("step") or 0) > step,
-                 timeout=300, what="training to go on after the resume")
-    except AssertionError:
-        raise AssertionError(why()) from None
+    wait_or_explain(resumed, why, 300, f"the resumed trainer to load step {step}")
+    wait_or_explain(lambda: progress_step(kube, ns, "pausable") > step, why, 300, "training to go on after the resume")
     assert status(kube, ns, "pausable").get("restarts", 0) == 0  # a suspend is not a failure
 
 
@@ -217,15 +227,7 @@ def test_a_worker_killed_with_sigkill_is_recreated_and_counted(
         local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
         tmp_path: Path) -> None:
     ns = namespace
-    body = manifest(ns, "healing", bed_s3, secret(kube, ns), training={"maxSteps": 2000},
-                    checkpoint={"everySteps": 100000, "exportHF": False})
-    apply(control_plane, body, tmp_path)
-    why = lambda: diagnose(local_cluster, kube, ns, "healing", tmp_path / "operator.log")  # noqa: E731
-    try:
-        wait_for(lambda: ((status(kube, ns, "healing").get("progress") or {}).get("step") or 0) >= 2, timeout=300,
-                 what="training to reach step 2")
-    except AssertionError:
-        raise AssertionError(why()) from None
+    why = long_job_at_step(local_cluster, kube, control_plane, ns, "healing", bed_s3, tmp_path, 2)
     victim = next(p for p in workers(kube, ns, "healing") if p["metadata"]["name"].endswith("-worker-1"))
     old_uid = victim["metadata"]["uid"]
     local_cluster.node(victim["spec"]["nodeName"]).kill(ns, victim["metadata"]["name"], sig=signal.SIGKILL)
@@ -235,11 +237,8 @@ def test_a_worker_killed_with_sigkill_is_recreated_and_counted(
         new = pods.get("healing-worker-1")
         return bool(new and new["metadata"]["uid"] != old_uid and new["status"].get("phase") == "Running")
 
-    try:
-        wait_for(recreated, timeout=120, what="worker 1 to be recreated and running")
-        wait_for(lambda: status(kube, ns, "healing").get("restarts") == 1, timeout=60, what="one counted restart")
-    except AssertionError:
-        raise AssertionError(why()) from None
+    wait_or_explain(recreated, why, 120, "worker 1 to be recreated and running")
+    wait_or_explain(lambda: status(kube, ns, "healing").get("restarts") == 1, why, 60, "one counted restart")
     events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=healing")
     assert any("137" in (e.get("message") or "") or e.get("reason") == "WorkerFailed" for e in events), \
         [(e.get("reason"), e.get("message")) for e in events]
