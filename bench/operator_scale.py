@@ -18,7 +18,7 @@ Measured per run, for the real operator (`kubetrain operator -n NS`, its own pro
   - CPU seconds of the operator, of each control-plane process (when it runs on this machine) and of every
     other process, and the API server's request and watch-event counters, per timed phase.
 
-The pods' IP is this machine's first non-loopback address (EndpointSlices refuse loopback), where the bench
+The pods' IP is the host address of a test bridge the bench makes (EndpointSlices refuse loopback), where the bench
 answers the operator's GET /progress as a training worker would (the step advances at each read).
 
     .venv/bin/python bench/operator_scale.py --jobs 100 --workers 16 --runs 2
@@ -89,14 +89,21 @@ def job_spec(workers: int, metrics_port: int) -> dict[str, Any]:
     }
 
 
-def host_ip() -> str | None:
-    """This machine's first non-loopback IPv4 address: the bench's pods' IP. It must be a real interface's
-    (the operator reads /progress from it) and not loopback (EndpointSlices refuse 127.0.0.0/8)."""
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith(("127.", "169.254.")):
-                return str(a.address)
-    return None
+@contextlib.contextmanager
+def bench_address() -> Iterator[str | None]:
+    """The bench's pods' IP: the host address of a test bridge that the bench makes on this machine (as the
+    test bed does; traffic to it never leaves the machine). Not loopback, which EndpointSlices refuse; the
+    operator reads /progress from it. None without root: the jobs then have no metrics port."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    from cluster.netns import Network
+
+    net = Network.create(None)
+    try:
+        yield net.gateway
+    finally:
+        net.destroy()
 
 
 @contextlib.asynccontextmanager
@@ -628,8 +635,8 @@ async def operator_run(http: aiohttp.ClientSession, kubeconfig: Path, ns: str, j
             result["pods_listed"] = len(names)
 
             async def running(i: int, name: str) -> bool:  # what a kubelet reports once the trainer is up
-                ip = pod_ip or f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256 or 1}"
-                body = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [
+                ips = {"podIP": pod_ip, "podIPs": [{"ip": pod_ip}]} if pod_ip else {}
+                body = {"status": {"phase": "Running", **ips, "conditions": [
                     {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
                     {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
                 async with http.patch(f"{pods_url(ns)}/{name}/status", json=body, headers=STRATEGIC) as resp:
@@ -676,8 +683,7 @@ async def _no_jobs(http: aiohttp.ClientSession, ns: str) -> bool:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     logs = Path(tempfile.mkdtemp(prefix="kubetrain-bench-operator-"))
-    pod_ip = host_ip()
-    with control_plane(args.kubeconfig) as (kubeconfig, pids, target):
+    with bench_address() as pod_ip, control_plane(args.kubeconfig) as (kubeconfig, pids, target):
         async with session(kubeconfig, args.concurrency) as http, progress_server(pod_ip) as metrics_port:
             crd_created = await ensure_crd(http)
             try:

@@ -90,7 +90,8 @@ class Network:
     forwarder_pid: int = 0
 
     @classmethod
-    def create(cls, api_server_port: int) -> Network:
+    def create(cls, api_server_port: int | None) -> Network:
+        """A new bridge; with `api_server_port`, the forwarder to the API server on 127.0.0.1 too."""
         sweep()
         RECORDS.mkdir(parents=True, exist_ok=True)
         used = _used_networks()
@@ -111,7 +112,8 @@ class Network:
         ip("link", "add", tag, "address", mac, "type", "bridge")
         ip("addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", tag)
         ip("link", "set", tag, "up")
-        net._start_forwarder(api_server_port)
+        if api_server_port is not None:
+            net._start_forwarder(api_server_port)
         net._record()
         return net
 
