@@ -183,6 +183,12 @@ def _init(spec: dict[str, Any]) -> None:
     uid, gid = spec.get("uid"), spec.get("gid")
     owner = (uid, gid if gid is not None else uid) if uid is not None else None
     root.bind(spec["tmp"], "/tmp")
+    root.ours.add("/tmp")  # the pod's own directory: mount points may be made in it
+    for path in spec.get("expose") or []:
+        # The image's files (the venv, the checkout, the interpreter) may live under the host's /tmp (a
+        # fresh clone in CI): seen through the pod's private /tmp at the same path.
+        if os.path.realpath(path).startswith("/tmp/"):
+            root.bind(os.path.realpath(path), os.path.realpath(path), read_only=True)
     for m in sorted(spec["mounts"], key=lambda m: m["target"].count("/")):
         root.bind(m["source"], m["target"], m.get("readOnly", False))
     root.bind(spec["hosts"], "/etc/hosts")

@@ -97,7 +97,7 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
     import os
     import sys
 
-    expose = [os.path.realpath(sys.base_prefix), str(venv)]
+    expose = [os.path.realpath(sys.base_prefix), str(venv), str(ROOT)]  # ROOT: the venv's editable install
     return Image(venv=str(venv), env=env, user=user, workdir=workdir, entrypoint=entrypoint, cmd=cmd, expose=expose,
                  users=users)
 
