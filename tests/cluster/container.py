@@ -145,6 +145,7 @@ class Root:
         src = self.host(source)
         self.ensure(target, os.path.isdir(src), owner)
         mount(src, target, None, MS_BIND | MS_REC)
+        self.ours.discard(target)  # covered by the host's directory now
         if read_only:
             mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
@@ -178,8 +179,6 @@ def _init(spec: dict[str, Any]) -> None:
     _check(libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
     root = Root(spec["rootfs"])
     root.build()
-    for path in spec.get("expose") or []:
-        root.expose(path)
     uid, gid = spec.get("uid"), spec.get("gid")
     owner = (uid, gid if gid is not None else uid) if uid is not None else None
     root.bind(spec["tmp"], "/tmp")
@@ -189,6 +188,8 @@ def _init(spec: dict[str, Any]) -> None:
         # fresh clone in CI): seen through the pod's private /tmp at the same path.
         if os.path.realpath(path).startswith("/tmp/"):
             root.bind(os.path.realpath(path), os.path.realpath(path), read_only=True)
+    for path in spec.get("expose") or []:
+        root.expose(path)
     for m in sorted(spec["mounts"], key=lambda m: m["target"].count("/")):
         root.bind(m["source"], m["target"], m.get("readOnly", False))
     root.bind(spec["hosts"], "/etc/hosts")
