@@ -175,8 +175,12 @@ def test_the_operator_replicas_run_ready_under_the_charts_service_account_and_rb
         assert status["Uid"].split()[:2] == ["10001", "10001"] and status["Gid"].split()[0] == "10001"
         mounts = {line.split()[1]: line.split()[3].split(",") for line in Path(f"/proc/{pid}/mounts").read_text()
                   .splitlines()}
-        top = "/" + str(ROOT).strip("/").split("/")[0]  # where the image's venv (this checkout's) is
-        assert all("ro" in mounts[m] for m in ("/usr", "/etc", top)) and "rw" in mounts["/tmp"], mounts
+
+        def covering(path: str, mounts: dict[str, list[str]] = mounts) -> str:  # the mount a path is on
+            return max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len)
+
+        venv = str(ROOT / ".venv")  # the image's venv (this checkout's), wherever the checkout is
+        assert all("ro" in mounts[covering(m)] for m in ("/usr", "/etc", venv)) and "rw" in mounts["/tmp"], mounts
         # In-cluster configuration only: the Service variables and the projected token, no kubeconfig (the
         # admin kubeconfig's https://127.0.0.1 is the pod's own loopback in its network namespace anyway).
         environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode()

@@ -125,17 +125,21 @@ class Root:
         staging = f"/.shadow-{self.shadows}"
         os.mkdir(staging)
         mount("tmpfs", staging, "tmpfs", MS_NOSUID, f"mode={(st.st_mode & 0o7777) | extra_mode:o}")
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)  # a shadow keeps what it covers read-only
         for entry in os.listdir(directory):
             src, dst = f"{directory}/{entry}", f"{staging}/{entry}"
             if os.path.islink(src):
                 os.symlink(os.readlink(src), dst)
-            elif os.path.isdir(src):
+                continue
+            if os.path.isdir(src):
                 os.mkdir(dst)
                 mount(src, dst, None, MS_BIND | MS_REC)
             else:
                 with open(dst, "w"):
                     pass
                 mount(src, dst, None, MS_BIND)
+            if read_only:
+                mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         os.chown(staging, st.st_uid, st.st_gid)
         mount(staging, directory, None, MS_MOVE)
         os.rmdir(staging)
@@ -183,6 +187,10 @@ def _init(spec: dict[str, Any]) -> None:
     owner = (uid, gid if gid is not None else uid) if uid is not None else None
     root.bind(spec["tmp"], "/tmp")
     root.ours.add("/tmp")  # the pod's own directory: mount points may be made in it
+    for m in sorted(spec["mounts"], key=lambda m: m["target"].count("/")):
+        root.bind(m["source"], m["target"], m.get("readOnly", False))
+        if m["target"].rstrip("/") == "/tmp":  # a volume of the pod's (an emptyDir for a read-only root)
+            root.ours.add("/tmp")
     for path in spec.get("expose") or []:
         # The image's files (the venv, the checkout, the interpreter) may live under the host's /tmp (a
         # fresh clone in CI): seen through the pod's private /tmp at the same path.
@@ -190,8 +198,6 @@ def _init(spec: dict[str, Any]) -> None:
             root.bind(os.path.realpath(path), os.path.realpath(path), read_only=True)
     for path in spec.get("expose") or []:
         root.expose(path)
-    for m in sorted(spec["mounts"], key=lambda m: m["target"].count("/")):
-        root.bind(m["source"], m["target"], m.get("readOnly", False))
     root.bind(spec["hosts"], "/etc/hosts")
     root.bind(spec["hostname_file"], "/etc/hostname")
     root.bind(spec["termination_log"], spec.get("termination_path") or "/dev/termination-log")
