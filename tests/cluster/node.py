@@ -406,7 +406,8 @@ class PodWorker(threading.Thread):
             source = self.mounts[m["name"]]
             if m.get("subPath"):
                 source = source / m["subPath"]
-                source.mkdir(parents=True, exist_ok=True) if not source.exists() else None
+                if not source.exists():  # a missing subPath is made (an existing one may be a file)
+                    source.mkdir(parents=True)
             mounts.append({"source": str(source), "target": m["mountPath"], "readOnly": bool(m.get("readOnly"))})
         sc = c.spec.get("securityContext") or {}
         rootfs = c.dir / "rootfs"
