@@ -182,7 +182,7 @@ def machine() -> dict[str, Any]:
 
 def build(threads: int) -> tuple[Any, Any, Any]:
     import torch
-    from kubetrain_trainer.config import ModelSpec, TrainingSpec
+    from kubetrain_api.config import ModelSpec, TrainingSpec
     from kubetrain_trainer.model import build_model, llama_config
     from kubetrain_trainer.optim import build_optimizer
 
@@ -318,8 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     from boto3.s3.transfer import TransferConfig
+    from kubetrain_api.config import S3Spec
     from kubetrain_trainer.checkpoint import CheckpointManager
-    from kubetrain_trainer.config import S3Spec
     from kubetrain_trainer.model import model_cost, model_fingerprint
     from kubetrain_trainer.storage import S3Store, s3_client
 

@@ -74,7 +74,7 @@ def lr_at(step: int, total: int) -> float:
 
 
 def load_model_and_data(data_dir: Path):
-    from kubetrain_trainer.config import ModelSpec
+    from kubetrain_api.config import ModelSpec
     from kubetrain_trainer.model import build_model, llama_config
     from kubetrain_trainer.shards import TokenShards
     from kubetrain_trainer.tokenizer import load_tokenizer
@@ -292,7 +292,7 @@ def main() -> int:
 
     import torch
     from _machine import CpuMeter, code_version, wait_idle
-    from kubetrain_trainer.config import ModelSpec
+    from kubetrain_api.config import ModelSpec
     from kubetrain_trainer.metrics import measured_matmul_flops
     from kubetrain_trainer.model import llama_config, model_cost
     from kubetrain_trainer.tokenizer import load_tokenizer

@@ -220,7 +220,7 @@ KOPF_NAMESPACE_DISCOVERY = {
 
 
 def _const(name: str) -> str:
-    from kubetrain_operator import spec
+    from kubetrain_api import manifest as spec
 
     return str(getattr(spec, name))
 

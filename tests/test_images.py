@@ -70,6 +70,7 @@ def test_operator_image_installs_without_torch(tmp_path: Path) -> None:
     venv = install(tmp_path, ROOT / "operator" / "Dockerfile", OPERATOR_INSTALL)
     try:
         assert not imports(venv, "torch") and not imports(venv, "transformers")
+        assert not imports(venv, "kubetrain_trainer")  # the Dockerfile copies only api/, operator/ and cli/
         assert imports(venv, "kubetrain_operator.handlers")  # Kopf and the whole operator
         result = subprocess.run([str(venv / "bin" / "kubetrain"), "operator", "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "--leader-elect" in result.stdout
@@ -83,7 +84,8 @@ def test_trainer_image_installs_without_kopf(tmp_path: Path) -> None:
     venv = install(tmp_path, ROOT / "trainer" / "Dockerfile", TRAINER_INSTALL)
     try:
         assert not imports(venv, "kopf") and not imports(venv, "kubernetes_asyncio")
-        assert imports(venv, "kubetrain_trainer.train") and imports(venv, "kubetrain_operator.entrypoint")
+        assert not imports(venv, "kubetrain_operator")  # the Dockerfile copies only api/, trainer/ and cli/
+        assert imports(venv, "kubetrain_trainer.train") and imports(venv, "kubetrain_trainer.entrypoint")
         assert (venv / "bin" / "torchrun").exists()
         result = subprocess.run([str(venv / "bin" / "kubetrain"), "run", "--help"], capture_output=True, text=True)
         assert result.returncode == 0

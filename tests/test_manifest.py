@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, job_manifest, run_cli, write_manifest
-from kubetrain_operator.spec import JobSpec, ManifestError, load_manifest, parse_manifest
-from kubetrain_trainer.config import TrainerConfig, TrainingSpec
+from kubetrain_api.config import TrainerConfig, TrainingSpec
+from kubetrain_api.manifest import JobSpec, ManifestError, load_manifest, parse_manifest
 
 
 def test_example_manifests_validate() -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kubetrain_api.status import JobStatus
 from kubetrain_operator.bookkeeping import apply_merge_patch, merge_patch, update_conditions
 from kubetrain_operator.planner import PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.policies.restart import backoff_seconds
-from kubetrain_operator.status import JobStatus
 from operator_support import Sim, failed, job_view, pod, spec_dict
 
 NOW = 1_000_000.0

@@ -24,8 +24,8 @@ from conftest import (
     wait_for,
     write_manifest,
 )
+from kubetrain_api.config import S3Spec
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
-from kubetrain_trainer.config import S3Spec
 from kubetrain_trainer.s3_reader import S3Reader, coalesce_reads, split_ranges
 from kubetrain_trainer.s3_writer import S3FileSystem, S3Writer, crc32_b64, object_key
 from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store

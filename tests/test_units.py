@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kubetrain_api.config import ModelSpec, TrainingSpec
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
-from kubetrain_trainer.config import ModelSpec, TrainingSpec
 from kubetrain_trainer.errors import ConfigError
 from kubetrain_trainer.model import llama_config, model_cost
 from kubetrain_trainer.optim import lr_at

@@ -7,9 +7,12 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kubetrain_api.manifest import load_manifest
+
+    job = load_manifest(args.manifest)  # a bad manifest is reported before torch takes its seconds to load
     from kubetrain_trainer.run.pipeline import run
 
-    return run(args.manifest, args.output, args.nproc, args.prompt)
+    return run(job, args.output, args.nproc, args.prompt)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -34,7 +37,7 @@ def _prepare(args: argparse.Namespace) -> int:
                             validation_split=split or 0.0, text_field=args.text_field,
                             min_document_chars=args.min_document_chars)
     if remote:
-        from kubetrain_trainer.config import S3Spec
+        from kubetrain_api.config import S3Spec
 
         datamod.upload_prepared(local, args.output, S3Spec())
         shutil.rmtree(local.parent, ignore_errors=True)
@@ -62,8 +65,8 @@ def _crd(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     import yaml
+    from kubetrain_api.manifest import ManifestError, load_manifest
     from kubetrain_operator.render import JobRef, render_objects
-    from kubetrain_operator.spec import ManifestError, load_manifest
     from kubetrain_operator.validate import validate_job
 
     job = load_manifest(args.manifest)
@@ -164,18 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except Exception as exc:
         # Errors the user can fix get one clear line and exit code 2; anything else is a bug: traceback.
-        from kubetrain_trainer.errors import ConfigError
+        from kubetrain_api.exit_codes import EXIT_CONFIG
+        from kubetrain_api.manifest import ManifestError
 
-        user_errors: tuple[type[BaseException], ...] = (ConfigError,)
-        try:
-            from kubetrain_operator.spec import ManifestError
+        user_errors: tuple[type[BaseException], ...] = (ManifestError,)
+        try:  # the operator's image has no trainer
+            from kubetrain_trainer.errors import ConfigError
 
-            user_errors += (ManifestError,)
+            user_errors += (ConfigError,)
         except ImportError:
             pass
         if isinstance(exc, user_errors):
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         raise
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubetrain_api.status import CONDITION_TYPES, PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
+
 from .coerce import as_count, as_dict
-from .status import CONDITION_TYPES, PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
 from .timeutil import iso, parse_time
 
 # The status fields the planner writes (the rest, progress and checkpoint, are the progress loop's).

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+from kubetrain_api.contract import PROGRESS_PATH
+from kubetrain_api.manifest import JobSpec
+from kubetrain_api.status import RESTARTING, RUNNING
 
 from .bookkeeping import OWNED, apply_merge_patch
 from .kube import Kube
@@ -26,8 +29,6 @@ from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, observe_pod
 from .progress import fetch_progress, progress_patch
 from .render import JobRef, render_configmap, render_pod, render_service
-from .spec import JobSpec
-from .status import RESTARTING, RUNNING
 from .validate import validate_job
 
 JobKey = tuple[str, str]  # (namespace, name)
@@ -288,7 +289,7 @@ async def poll_progress(rt: Runtime, body: Any, index: Any, key: JobKey, answere
     pods.sort(key=lambda p: (p.name != answered, p.index))  # worker 0 first, or whoever answered before
     for pod in pods:
         host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
-        data = await fetch_progress(rt.session, f"http://{host}:{spec.metrics.port}/progress",
+        data = await fetch_progress(rt.session, f"http://{host}:{spec.metrics.port}{PROGRESS_PATH}",
                                     rt.config.progress_timeout_seconds)
         if data is None:
             continue

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-
-from .spec import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION, JobSpec
-from .status import JobStatus
+from kubetrain_api.manifest import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION, JobSpec
+from kubetrain_api.status import JobStatus
 
 # Descriptions for the trainer's sections, whose models (owned by the trainer) carry none on the field.
 SECTION_DESCRIPTIONS = {

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetrain_api.manifest import JobSpec
+from kubetrain_api.status import FAILED, PENDING, RESTARTING
+
 from .bookkeeping import Bookkeeping
 from .coerce import as_dict
 from .pods import ObservedPod
 from .render import JobRef, pod_name
-from .spec import JobSpec
-from .status import FAILED, PENDING, RESTARTING
 
 
 @dataclass(frozen=True)

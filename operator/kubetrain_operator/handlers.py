@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from kubetrain_api.manifest import GROUP, PLURAL, VERSION
 
 from .controller import OperatorConfig, Runtime, progress_loop, reconcile_loop
 from .pods import ObservedPod, observe_pod
 from .render import LABEL_JOB
-from .spec import GROUP, PLURAL, VERSION
 
 JOBS = (GROUP, VERSION, PLURAL)
 Logger = logging.Logger | logging.LoggerAdapter[Any]

@@ -15,8 +15,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
-
-from .spec import GROUP, PLURAL, VERSION
+from kubetrain_api.manifest import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
 RETRYABLE = (429, 500, 502, 503, 504)

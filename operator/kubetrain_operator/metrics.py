@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from kubetrain_api.status import PHASES
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from .status import PHASES
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetrain_api.manifest import JobSpec
+from kubetrain_api.status import PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
+
 from .bookkeeping import OWNED, merge_patch, update_conditions
 from .coerce import as_count, as_dict
 from .draft import Deletion, Draft, Event, JobView, Plan, PlannerConfig
@@ -18,8 +21,6 @@ from .policies import elastic, stall, suspend, time_limits, workers
 from .policies.completion import fail, finished, succeed
 from .policies.restart import count_incidents, permanent_failure
 from .render import selector
-from .spec import JobSpec
-from .status import PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
 from .timeutil import iso_precise
 
 # The planner's interface; the types live in draft.py beside the Draft the policies edit.

@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from kubetrain_trainer.errors import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
+from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
 
 from .coerce import as_dict, as_int, as_list, as_str
 from .render import CONTAINER, LABEL_INDEX

@@ -7,11 +7,10 @@ import json
 from typing import Any
 
 import aiohttp
+from kubetrain_api.contract import PROGRESS_NUMBERS
 
 from .coerce import as_count, as_dict, as_number
 from .timeutil import iso, iso_precise, parse_time
-
-_NUMBERS = ("loss", "evalLoss", "tokensPerSecond", "mfu", "etaSeconds")
 
 
 def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
@@ -23,7 +22,7 @@ def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
     old = as_dict(status.get("progress"))
     step = as_count(data.get("step"), floats=True)
     new: dict[str, Any] = {"step": step, "maxSteps": as_count(data.get("maxSteps"), floats=True)}
-    for key in _NUMBERS:
+    for key in PROGRESS_NUMBERS:
         new[key] = as_number(data.get(key))
     phase = data.get("phase")
     new["phase"] = phase[:64] if isinstance(phase, str) else None

@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import API_VERSION, KIND, JobSpec
+from kubetrain_api.contract import HEALTH_PATH, entrypoint_argv, trainer_argv
+from kubetrain_api.manifest import API_VERSION, KIND, JobSpec
+
 from .validate import POD_TEMPLATE_POD
 
 DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
@@ -113,15 +115,14 @@ def torchrun_args(job: JobRef, spec: JobSpec) -> list[str]:
         "torchrun", f"--nnodes={low}:{high}", f"--nproc-per-node={spec.workers.proc_per_node}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint(job)}", f"--rdzv-id={job.uid}",
         f"--max-restarts={spec.run_policy.max_restarts}",
-        "-m", "kubetrain_trainer.train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", OUTPUT_DIR,
+        *trainer_argv(f"{CONFIG_DIR}/{CONFIG_FILE}", OUTPUT_DIR),
     ]
 
 
 def container_command(job: JobRef, spec: JobSpec) -> list[str]:
     """torchrun under a small wrapper that forwards SIGTERM and reports the trainer's own exit code
-    (torchrun itself exits 1 whatever its workers returned); see kubetrain_operator.entrypoint."""
-    return ["python", "-m", "kubetrain_operator.entrypoint", "--output", OUTPUT_DIR, "--",
-            *torchrun_args(job, spec)]
+    (torchrun itself exits 1 whatever its workers returned); see kubetrain_api.contract.pod_outcome."""
+    return entrypoint_argv(OUTPUT_DIR, torchrun_args(job, spec))
 
 
 def _s3_secret(spec: JobSpec) -> str | None:
@@ -186,7 +187,7 @@ def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
         container["envFrom"] = env_from + copy.deepcopy(template.get("envFrom", []))
     if spec.metrics.port:
         ports.append({"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"})
-        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": spec.metrics.port},
+        container["readinessProbe"] = {"httpGet": {"path": HEALTH_PATH, "port": spec.metrics.port},
                                        "periodSeconds": 10, "failureThreshold": 3}
     if "imagePullPolicy" in template:
         container["imagePullPolicy"] = template["imagePullPolicy"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetrain_trainer.config import format_validation_error
+from kubetrain_api.config import format_validation_error
+from kubetrain_api.manifest import JobSpec
 from pydantic import ValidationError
-
-from .spec import JobSpec
 
 # podTemplate keys and where they go: the pod's metadata, the pod's spec, or the trainer container.
 POD_TEMPLATE_META = ("labels", "annotations")

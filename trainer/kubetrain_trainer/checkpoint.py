@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from kubetrain_api.config import S3Spec, TrainerConfig
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .config import S3Spec, TrainerConfig
 from .errors import ConfigError
 from .local_writer import LocalWriter
 from .s3_reader import S3Reader

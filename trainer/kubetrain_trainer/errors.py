@@ -1,9 +1,6 @@
-"""Errors with an exit-code contract the launcher and the operator rely on."""
+"""The trainer's errors; each carries the exit code (kubetrain_api.exit_codes) the process ends with."""
 
-EXIT_CONFIG = 2  # bad manifest, data, tokenizer or checkpoint: retrying cannot help
-EXIT_NON_FINITE = 3  # loss or gradients became NaN/inf: deterministic, so retrying cannot help either
-EXIT_CHECKPOINT = 4  # checkpoints kept failing (storage down or misconfigured): retry after fixing it
-EXIT_PREEMPTED = 143  # SIGTERM honoured: a checkpoint was committed; restart to resume (128 + SIGTERM)
+from kubetrain_api.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NON_FINITE
 
 
 class ConfigError(Exception):

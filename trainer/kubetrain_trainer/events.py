@@ -1,5 +1,5 @@
-"""events.jsonl: rank 0's append-only JSON-lines log of the run (start, step, eval, checkpoint,
-checkpoint_failed, preempted, error, done); `kubetrain run`'s progress bar and summary read it."""
+"""events.jsonl: rank 0's append-only JSON-lines log of the run (its kinds and fields are
+kubetrain_api.contract's); `kubetrain run`'s progress bar and summary and the pod entrypoint read it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kubetrain_api.contract import EVENT_KINDS, EventKind
+
 
 class Events:
     """Writes one JSON object per line; with no path (ranks other than 0) it writes nothing."""
@@ -15,6 +17,8 @@ class Events:
     def __init__(self, path: Path | None):
         self._fh = path.open("a", buffering=1) if path else None
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, kind: EventKind, **fields: Any) -> None:
+        if kind not in EVENT_KINDS:  # a kind the readers do not know would be silently ignored by them
+            raise ValueError(f"unknown event kind {kind!r}; add it to kubetrain_api.contract.EventKind")
         if self._fh:
             self._fh.write(json.dumps({"type": kind, "time": time.time(), **fields}) + "\n")

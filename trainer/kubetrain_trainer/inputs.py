@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig
+from kubetrain_api.config import TrainerConfig
+
 from .errors import ConfigError
 from .shards import TokenShards
 from .storage import local_copy

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
+from kubetrain_api.contract import HEALTH_PATH, METRICS_PATH, PROGRESS_KEYS, PROGRESS_PATH
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
@@ -95,6 +96,9 @@ class ProgressState:
                                       "checkpoint": None, "phase": "starting", "updatedAt": time.time()}
 
     def update(self, **fields: Any) -> None:
+        unknown = set(fields) - PROGRESS_KEYS
+        if unknown:  # the operator reads only the contract's keys
+            raise ValueError(f"/progress keys {sorted(unknown)} are not in kubetrain_api.contract.Progress")
         with self._lock:
             self._data.update(fields, updatedAt=time.time())
 
@@ -110,11 +114,11 @@ class MetricsServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path == METRICS_PATH:
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                elif path == "/progress" and progress is not None:
+                elif path == PROGRESS_PATH and progress is not None:
                     self._send(200, "application/json", json.dumps(progress.snapshot()).encode())
-                elif path == "/healthz":
+                elif path == HEALTH_PATH:
                     self._send(200, "text/plain", b"ok\n")
                 else:
                     self._send(404, "text/plain", b"not found\n")

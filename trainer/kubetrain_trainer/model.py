@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from kubetrain_api.config import ModelSpec
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import ModelSpec
 from .errors import ConfigError
 
 # Shapes of the published models (Llama-2 7B/13B exactly; 1B is TinyLlama's 1.1B shape; 125m is

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from .config import TrainingSpec
+from kubetrain_api.config import TrainingSpec
 
 
 def lr_at(step: int, spec: TrainingSpec) -> float:

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from kubetrain_api.config import TrainingSpec
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaForCausalLM
-
-from .config import TrainingSpec
 
 log = logging.getLogger(__name__)
 

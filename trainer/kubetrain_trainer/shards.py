@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kubetrain_api.config import S3Spec
 
-from .config import S3Spec
 from .errors import ConfigError
 from .preparation import INDEX
 

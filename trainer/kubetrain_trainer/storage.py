@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from .config import S3Spec
+from kubetrain_api.config import S3Spec
+
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig
+from kubetrain_api.config import TrainerConfig
+from kubetrain_api.contract import CONFIG_FLAG, EVENTS_FILE, OUTPUT_FLAG, TRAINER_MODULE
+
 from .errors import CheckpointFailedError, ConfigError, NonFiniteError
 from .events import Events
 from .trainer import Trainer
@@ -26,17 +28,17 @@ def train(cfg: TrainerConfig, output: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubetrain_trainer.train")
-    parser.add_argument("--config", required=True, help="trainer config (JSON, camelCase)")
-    parser.add_argument("--output", required=True, help="directory for events, results and the exported model")
+    parser = argparse.ArgumentParser(prog=TRAINER_MODULE)
+    parser.add_argument(CONFIG_FLAG, dest="config", required=True, help="trainer config (JSON, camelCase)")
+    parser.add_argument(OUTPUT_FLAG, dest="output", required=True,
+                        help="directory for events, results and the exported model")
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    events = Events(output / "events.jsonl" if int(os.environ.get("RANK", 0)) == 0 else None)
+    events = Events(output / EVENTS_FILE if int(os.environ.get("RANK", 0)) == 0 else None)
     try:
+        from kubetrain_api.config import format_validation_error
         from pydantic import ValidationError
-
-        from .config import format_validation_error
 
         try:
             cfg = TrainerConfig.model_validate_json(Path(args.config).read_text())

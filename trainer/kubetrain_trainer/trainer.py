@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from kubetrain_api.config import TrainerConfig
+from kubetrain_api.contract import EVENTS_FILE, MODEL_DIR, RESULTS_FILE
+from kubetrain_api.exit_codes import EXIT_PREEMPTED
 
 from .checkpoint import CheckpointManager, SaveResult, checkpoint_uri, step_dir_name
-from .config import TrainerConfig
 from .distributed import all_sum, init_distributed
-from .errors import EXIT_PREEMPTED, CheckpointFailedError, ConfigError, NonFiniteError
+from .errors import CheckpointFailedError, ConfigError, NonFiniteError
 from .events import Events
 from .export import export_hf
 from .inputs import open_inputs
@@ -53,7 +55,7 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
                             format=f"[rank{self.rank}] %(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
         ts = cfg.training
-        self.events = Events(output / "events.jsonl" if self.rank == 0 else None)
+        self.events = Events(output / EVENTS_FILE if self.rank == 0 else None)
         self.preemption = Preemption()
         self.inputs = open_inputs(cfg, self.world, output)
 
@@ -358,14 +360,14 @@ class Trainer:
             self.progress.update(phase="exporting")
         results = summarize(self.state_dict(), self.cost.to_dict(), self.info)
         if self.cfg.checkpoint.export_hf:
-            model_dir = self.output / "model"
+            model_dir = self.output / MODEL_DIR
             export_hf(self.model, self.mcfg, self.inputs.tokenizer, model_dir, self.layout.dtype, self.rank)
             results["model"] = str(model_dir)
             if self.rank == 0 and isinstance(self.store, S3Store):
                 self.store.upload_tree(model_dir, "hf/")
                 results["modelUri"] = self.store.child_uri("hf/")
         if self.rank == 0:
-            (self.output / "results.json").write_text(json.dumps(results, indent=1))
+            (self.output / RESULTS_FILE).write_text(json.dumps(results, indent=1))
         self.events.emit("done", **results)
         if self.progress:
             self.progress.update(phase="done")

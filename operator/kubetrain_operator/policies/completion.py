@@ -3,8 +3,9 @@ for its pods and ttlSecondsAfterFinished for the job itself."""
 
 from __future__ import annotations
 
+from kubetrain_api.status import FAILED, SUCCEEDED
+
 from ..draft import Draft
-from ..status import FAILED, SUCCEEDED
 from .time_limits import expire_after_ttl
 
 

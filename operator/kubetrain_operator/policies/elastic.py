@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from kubetrain_api.manifest import JobSpec
+
 from ..draft import Draft
-from ..spec import JobSpec
 from .restart import count, restart_all
 
 

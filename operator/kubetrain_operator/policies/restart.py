@@ -10,10 +10,11 @@ is counted twice, whenever the operator stops. An exit restarting cannot help (c
 
 from __future__ import annotations
 
+from kubetrain_api.manifest import JobSpec
+
 from ..draft import Draft
 from ..pods import Outcome, classify
 from ..render import pod_name
-from ..spec import JobSpec
 from .completion import fail
 
 

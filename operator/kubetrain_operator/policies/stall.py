@@ -3,9 +3,10 @@ running, restarts all workers; a hung collective is the usual cause."""
 
 from __future__ import annotations
 
+from kubetrain_api.manifest import JobSpec
+
 from ..coerce import as_dict
 from ..draft import Draft
-from ..spec import JobSpec
 from .restart import count, restart_all
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from kubetrain_api.status import SUSPENDED
+
 from ..draft import Draft
-from ..status import SUSPENDED
 
 
 def suspend(d: Draft) -> None:

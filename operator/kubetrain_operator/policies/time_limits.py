@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from kubetrain_api.manifest import JobSpec
+from kubetrain_api.status import SUSPENDED
+
 from ..draft import Draft
-from ..spec import JobSpec
-from ..status import SUSPENDED
 
 
 def past_deadline(d: Draft, spec: JobSpec) -> str | None:

@@ -3,8 +3,9 @@ the relaunch together after a full restart, replacements after the backoff, scal
 
 from __future__ import annotations
 
+from kubetrain_api.manifest import JobSpec
+
 from ..draft import Draft
-from ..spec import JobSpec
 from .restart import backoff_seconds
 
 

@@ -6,8 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from kubetrain_api.contract import EVENTS_FILE, MODEL_DIR, RESULTS_FILE
+from kubetrain_api.exit_codes import EXIT_PREEMPTED
+from kubetrain_api.manifest import LLMTrainingJob
+
 from ..checkpoint import checkpoint_uri
-from ..errors import EXIT_PREEMPTED
 from .preflight import preflight
 from .prepare import prepare_inputs
 from .progress_bar import Progress
@@ -15,11 +18,8 @@ from .summary import generate_sample, plot_losses, print_summary
 from .supervise import last_event, launch
 
 
-def run(manifest_path: str, output: str | None, nproc: int | None, prompt: str | None = None) -> int:
-    """The `kubetrain run` command; returns its exit code (the trainer's, see errors.py)."""
-    from kubetrain_operator.spec import load_manifest
-
-    job = load_manifest(manifest_path)
+def run(job: LLMTrainingJob, output: str | None, nproc: int | None, prompt: str | None = None) -> int:
+    """The `kubetrain run` command on a loaded manifest; returns its exit code (kubetrain_api.exit_codes)."""
     out = Path(output or Path("runs") / job.metadata.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     nproc = nproc or job.spec.workers.proc_per_node
@@ -34,10 +34,10 @@ def run(manifest_path: str, output: str | None, nproc: int | None, prompt: str |
         print()
     if code != 0:
         return _report_failure(code, out, since)
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / RESULTS_FILE).read_text())
     summary = dict(results)
     if cfg.checkpoint.export_hf:
-        summary["sample"] = generate_sample(out / "model", prompt, str(cfg.data.validation), cfg.data.seq_length,
+        summary["sample"] = generate_sample(out / MODEL_DIR, prompt, str(cfg.data.validation), cfg.data.seq_length,
                                             s3=cfg.s3, seed=cfg.training.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_losses(results, out / "loss.png")
@@ -48,7 +48,7 @@ def run(manifest_path: str, output: str | None, nproc: int | None, prompt: str |
 def _report_failure(code: int, out: Path, since: int) -> int:
     """Say why training stopped (preempted: rerun to resume; the trainer's own error message; else the end
     of train.log) and return the exit code for it. `since`: where this run's events start."""
-    events = out / "events.jsonl"
+    events = out / EVENTS_FILE
     preempted = last_event(events, "preempted", since)
     if code == EXIT_PREEMPTED or preempted:
         step = preempted["step"] if preempted else "?"

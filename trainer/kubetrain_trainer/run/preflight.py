@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kubetrain_api.config import TrainerConfig
+
 from ..checkpoint import CheckpointManager, checkpoint_uri
-from ..config import TrainerConfig
 from ..errors import ConfigError
 from ..inputs import open_inputs
 from ..model import llama_config, model_fingerprint

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kubetrain_api.config import TrainerConfig
+
 from .. import preparation as datamod
-from ..config import TrainerConfig
 from ..errors import ConfigError
 
 

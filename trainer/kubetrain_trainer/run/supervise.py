@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainerConfig
+from kubetrain_api.config import TrainerConfig
+from kubetrain_api.contract import EVENTS_FILE, EventKind, trainer_argv
+
 from .progress_bar import Progress
 
 
@@ -23,14 +25,14 @@ def launch(cfg: TrainerConfig, output: Path, nproc: int, progress: Progress) -> 
     Returns the exit code and the events file offset this run's events start at."""
     config_path = output / "trainer-config.json"
     config_path.write_text(json.dumps(cfg.to_wire(), indent=1))
-    events_path = output / "events.jsonl"
+    events_path = output / EVENTS_FILE
     offset = start = events_path.stat().st_size if events_path.exists() else 0
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # split the cores between the processes instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", f"--shutdown-timeout={int(cfg.checkpoint.preemption_grace_seconds) + 10}",
-           "-m", "kubetrain_trainer.train", "--config", str(config_path), "--output", str(output)]
+           *trainer_argv(str(config_path), str(output))]
     with (output / "train.log").open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -65,7 +67,7 @@ def _follow(path: Path, offset: int, progress: Progress) -> int:
     return offset
 
 
-def last_event(path: Path, kind: str, since: int = 0) -> dict[str, Any] | None:
+def last_event(path: Path, kind: EventKind, since: int = 0) -> dict[str, Any] | None:
     if not path.exists():
         return None
     found = None

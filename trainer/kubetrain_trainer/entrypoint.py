@@ -5,9 +5,10 @@ torchrun exits 1 whatever its workers returned, so the operator could not tell a
 `<output>/events.jsonl` (on the node of global rank 0); this wrapper reads it, exits with that code
 and writes the message to /dev/termination-log, where the operator reads it into the job's status.
 
-    python -m kubetrain_operator.entrypoint --output DIR -- torchrun ... -m kubetrain_trainer.train ...
+    python -m kubetrain_trainer.entrypoint --output DIR -- torchrun ... -m kubetrain_trainer.train ...
 
-Standard library only: it runs in the trainer image.
+The rule it follows is kubetrain_api.contract.pod_outcome; this module is the process around it. It imports
+nothing of torch, so it starts at once and stays small beside the trainer processes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_PREEMPTED = 143
-TERMINATION_LOG = Path("/dev/termination-log")
+from kubetrain_api.contract import ENTRYPOINT_MODULE, EVENTS_FILE, FINAL_EVENT_KINDS, TERMINATION_LOG, pod_outcome
 
 
 def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: bool) -> tuple[int, str | None]:
@@ -36,33 +36,23 @@ def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: b
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(event, dict) and event.get("type") in ("error", "preempted"):
+                if isinstance(event, dict) and event.get("type") in FINAL_EVENT_KINDS:
                     last = event
     except OSError:
         last = None
-    if torchrun_code == 0:
-        return 0, None
-    if last is not None and last.get("type") == "preempted":
-        return EXIT_PREEMPTED, f"preempted: checkpoint at step {last.get('step')} committed"
-    if last is not None:
-        code = last.get("exitCode")
-        code = code if isinstance(code, int) and 0 < code < 256 else torchrun_code
-        return code, str(last.get("message") or "")[:3500] or None
-    if terminated:  # SIGTERM reached us (deletion, preemption) and the trainer did not say more
-        return EXIT_PREEMPTED, "terminated by SIGTERM"
-    return (torchrun_code if 0 < torchrun_code < 256 else 1), None
+    return pod_outcome(last, torchrun_code, terminated)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubetrain_operator.entrypoint")
+    parser = argparse.ArgumentParser(prog=ENTRYPOINT_MODULE)
     parser.add_argument("--output", required=True, help="the trainer's --output directory")
-    parser.add_argument("--termination-log", default=str(TERMINATION_LOG))
+    parser.add_argument("--termination-log", default=TERMINATION_LOG)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- torchrun ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
-    events = Path(args.output) / "events.jsonl"
+    events = Path(args.output) / EVENTS_FILE
     offset = events.stat().st_size if events.exists() else 0
     proc = subprocess.Popen(command)
     terminated = False

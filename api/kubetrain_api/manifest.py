@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from kubetrain_trainer.config import Section, TrainerConfig, format_validation_error
 from pydantic import Field, ValidationError, model_validator
+
+from .config import Section, TrainerConfig, format_validation_error
 
 GROUP = "kubetrain.io"
 VERSION = "v1alpha1"

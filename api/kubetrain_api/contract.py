@@ -1,0 +1,108 @@
+"""The contract between the trainer, the launcher (`kubetrain run`), the pod entrypoint and the operator.
+
+Four processes meet here and nowhere else:
+
+- the **trainer** (`python -m kubetrain_trainer.train --config FILE --output DIR`, one per device, under
+  torchrun) writes `DIR/events.jsonl` (rank 0), `DIR/results.json` and `DIR/model/`, serves `/progress`
+  (rank 0) and exits with a code of `exit_codes`;
+- **`kubetrain run`** starts torchrun with `trainer_argv` and follows `events.jsonl` for its progress bar;
+- the **pod entrypoint** (`python -m kubetrain_trainer.entrypoint --output DIR -- torchrun ...`, the
+  worker container's command) runs torchrun, forwards SIGTERM, and exits with what `pod_outcome` says,
+  writing the message to the termination log;
+- the **operator** renders `entrypoint_argv(...)` as the worker's command, reads `/progress` of worker 0
+  into status.progress and classifies a failed pod by its exit code and termination message.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from .exit_codes import EXIT_PREEMPTED
+
+# --- the trainer's command line ---------------------------------------------------------------------------
+TRAINER_MODULE = "kubetrain_trainer.train"
+ENTRYPOINT_MODULE = "kubetrain_trainer.entrypoint"
+CONFIG_FLAG = "--config"  # the trainer config: JSON, camelCase (TrainerConfig.to_wire())
+OUTPUT_FLAG = "--output"  # the directory the trainer writes the files below into
+
+
+def trainer_argv(config: str, output: str) -> list[str]:
+    """What follows `torchrun <its options>`: the trainer module and its two arguments."""
+    return ["-m", TRAINER_MODULE, CONFIG_FLAG, config, OUTPUT_FLAG, output]
+
+
+def entrypoint_argv(output: str, command: list[str]) -> list[str]:
+    """A worker container's command: the entrypoint wrapping `command` (torchrun ...)."""
+    return ["python", "-m", ENTRYPOINT_MODULE, OUTPUT_FLAG, output, "--", *command]
+
+
+# --- files under --output ---------------------------------------------------------------------------------
+EVENTS_FILE = "events.jsonl"  # rank 0's append-only log, one JSON object per line
+RESULTS_FILE = "results.json"  # written when training ends
+MODEL_DIR = "model"  # the Hugging Face export (checkpoint.exportHf)
+TERMINATION_LOG = "/dev/termination-log"  # the pod's terminationMessagePath (Kubernetes' default)
+TERMINATION_MESSAGE_CHARS = 3500  # the kubelet keeps 4096 bytes; leave room for multi-byte characters
+
+# --- events.jsonl: {"type": <kind>, "time": <unix seconds>, ...fields} ------------------------------------
+EventKind = Literal["start", "step", "eval", "checkpoint", "checkpoint_failed", "preempted", "error", "done"]
+EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
+# Fields: step {step, loss, lr, gradNorm, tokensPerSecond, mfu, seconds, dataWait, eta}; eval {step, loss,
+# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path}; checkpoint_failed {step, error};
+# preempted {step (the committed one), uncommittedStep?}; error {message, exitCode}; done (results.json).
+
+
+# --- GET /progress on rank 0's metrics port ---------------------------------------------------------------
+PROGRESS_PATH = "/progress"
+HEALTH_PATH = "/healthz"  # every node's metrics server; the worker's readiness probe
+METRICS_PATH = "/metrics"
+
+TrainerPhase = Literal["starting", "training", "exporting", "done"]
+
+
+class ProgressCheckpoint(TypedDict):
+    step: int
+    uri: str
+    time: str  # RFC 3339
+
+
+class Progress(TypedDict, total=False):
+    """The JSON object rank 0 serves; the operator copies it into status.progress and status.checkpoint."""
+
+    step: int
+    maxSteps: int
+    loss: float | None
+    evalLoss: float | None
+    tokensPerSecond: float | None
+    mfu: float | None
+    etaSeconds: float | None
+    phase: TrainerPhase
+    updatedAt: float  # unix seconds
+    checkpoint: ProgressCheckpoint | None
+    checkpointFailures: int
+    lastCheckpointError: str
+
+
+PROGRESS_KEYS: frozenset[str] = frozenset(Progress.__annotations__)
+PROGRESS_NUMBERS = ("loss", "evalLoss", "tokensPerSecond", "mfu", "etaSeconds")  # floats, or null
+
+
+# --- the pod entrypoint's rule ----------------------------------------------------------------------------
+FINAL_EVENT_KINDS = ("error", "preempted")  # the last of these since torchrun started decides the outcome
+
+
+def pod_outcome(last: dict[str, Any] | None, torchrun_code: int, terminated: bool) -> tuple[int, str | None]:
+    """The exit code and termination message of a worker container, from the last final event the trainer
+    wrote (None: none), torchrun's exit code and whether SIGTERM reached the entrypoint."""
+    if torchrun_code == 0:
+        return 0, None
+    if last is not None and last.get("type") == "preempted":
+        return EXIT_PREEMPTED, f"preempted: checkpoint at step {last.get('step')} committed"
+    if last is not None:
+        code = last.get("exitCode")
+        code = code if isinstance(code, int) and 0 < code < 256 else torchrun_code
+        return code, str(last.get("message") or "")[:TERMINATION_MESSAGE_CHARS] or None
+    if terminated:  # SIGTERM reached us (deletion, preemption) and the trainer did not say more
+        return EXIT_PREEMPTED, "terminated by SIGTERM"
+    return (torchrun_code if 0 < torchrun_code < 256 else 1), None

@@ -1,0 +1,77 @@
+"""The contract of kubetrain_api.contract, checked on both sides of it: what the operator renders is what the
+trainer parses, what the trainer writes is what the entrypoint, `kubetrain run` and the operator read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kubetrain_api.contract import (
+    EVENT_KINDS,
+    EVENTS_FILE,
+    PROGRESS_KEYS,
+    TERMINATION_MESSAGE_CHARS,
+    entrypoint_argv,
+    pod_outcome,
+    trainer_argv,
+)
+from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
+from kubetrain_api.manifest import JobSpec
+from kubetrain_operator.progress import progress_patch
+from kubetrain_operator.render import JobRef, container_command
+from kubetrain_trainer import entrypoint, train
+from kubetrain_trainer.events import Events
+from kubetrain_trainer.metrics import ProgressState
+
+
+def test_the_trainer_parses_what_the_operator_renders_and_a_bad_config_exits_2(tmp_path: Path) -> None:
+    sections = {"data": {"train": "/data/train"}, "tokenizer": {"path": "/data/tokenizer"}}
+    spec = JobSpec.model_validate(sections)
+    command = container_command(JobRef("llama", "ml", "uid-1"), spec)
+    torchrun = command[command.index("--") + 1:]
+    assert command == entrypoint_argv("/var/run/kubetrain/output", torchrun)
+    assert torchrun[-6:] == trainer_argv("/etc/kubetrain/config.json", "/var/run/kubetrain/output")
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**sections, "training": {"maxSteps": 0}}))
+    argv = trainer_argv(str(config), str(tmp_path / "out"))[2:]  # after `-m kubetrain_trainer.train`
+    assert train.main(argv) == EXIT_CONFIG
+    events = tmp_path / "out" / EVENTS_FILE
+    code, message = entrypoint.trainer_outcome(events, 0, 1, False)  # torchrun's own code is 1
+    assert code == EXIT_CONFIG and message is not None and "training.maxSteps" in message
+
+
+def test_pod_outcome_follows_the_last_final_event() -> None:
+    assert pod_outcome(None, 0, True) == (0, None)  # success wins, even after a SIGTERM
+    assert pod_outcome({"type": "preempted", "step": 40}, 1, True) == (
+        EXIT_PREEMPTED, "preempted: checkpoint at step 40 committed")
+    assert pod_outcome({"type": "error", "exitCode": 3, "message": "x" * 9000}, 1, False) == (
+        3, "x" * TERMINATION_MESSAGE_CHARS)
+    assert pod_outcome({"type": "error", "exitCode": 999}, 1, False) == (1, None)  # not an exit code
+    assert pod_outcome(None, 1, True) == (EXIT_PREEMPTED, "terminated by SIGTERM")
+    assert pod_outcome(None, -9, False) == (1, None)
+
+
+def test_the_trainer_writes_only_the_contracts_event_kinds(tmp_path: Path) -> None:
+    events = Events(tmp_path / EVENTS_FILE)
+    for kind in sorted(EVENT_KINDS):
+        events.emit(kind, step=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown event kind 'stepp'"):
+        events.emit("stepp", step=1)  # type: ignore[arg-type]
+    written = [json.loads(line)["type"] for line in (tmp_path / EVENTS_FILE).read_text().splitlines()]
+    assert written == sorted(EVENT_KINDS)
+
+
+def test_progress_holds_only_the_contracts_keys_and_the_operator_reads_it() -> None:
+    progress = ProgressState(max_steps=100)
+    progress.update(step=7, loss=2.5, phase="training", checkpoint={"step": 5, "uri": "s3://b/p/step-5",
+                                                                    "time": "2026-12-01T10:00:00Z"})
+    with pytest.raises(ValueError, match="evalLos"):
+        progress.update(evalLos=1.0)
+    snapshot = progress.snapshot()
+    assert set(snapshot) <= PROGRESS_KEYS
+    patch = progress_patch({}, json.loads(json.dumps(snapshot)), 1000.0)
+    assert patch["progress"]["step"] == 7 and patch["progress"]["maxSteps"] == 100
+    assert patch["progress"]["loss"] == 2.5 and patch["progress"]["phase"] == "training"
+    assert patch["checkpoint"] == {"step": 5, "uri": "s3://b/p/step-5", "time": "2026-12-01T10:00:00Z"}
