@@ -57,7 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from s3_support import MotoServer  # noqa: E402
+from support.s3 import MotoServer  # noqa: E402
 
 BUCKET = "bench"
 MB = 1e6
@@ -70,7 +70,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-bench", "AWS_SECRET_ACCESS_KEY": 
 
 
 class Moto(MotoServer):
-    """The tests' moto_server (tests/s3_support.py), plus the server's memory and CPU for the report."""
+    """The tests' moto_server (tests/support/s3.py), plus the server's memory and CPU for the report."""
 
     def _status(self, field: str) -> float:
         assert self.proc is not None

@@ -3,25 +3,16 @@ and tokenizer, and helpers that run the real `kubetrain` CLI and `torchrun` as s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-KUBETRAIN = [sys.executable, "-m", "kubetrain_cli"]
-
-# A Llama small enough that a step takes milliseconds on one CPU thread.
-TEST_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "intermediate_size": 128}
+from support import ROOT, wait_for
+from support.runs import KUBETRAIN
 
 
 @pytest.fixture(scope="session")
@@ -48,86 +39,6 @@ def prepared(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                              "--validation-split", "0.2", "--output", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return out
-
-
-def job_manifest(prepared: Path, name: str = "test-job", **sections: Any) -> dict[str, Any]:
-    """A small LLMTrainingJob over the prepared data; keyword arguments deep-merge into spec."""
-    spec: dict[str, Any] = {
-        "model": {"preset": "tiny", "config": dict(TEST_MODEL)},
-        "tokenizer": {"path": str(prepared / "tokenizer")},
-        "data": {"train": str(prepared / "train"), "validation": str(prepared / "validation"), "seqLength": 64},
-        "training": {"maxSteps": 12, "globalBatchSize": 8, "microBatchSize": 4, "precision": "fp32",
-                     "optimizer": {"lr": 0.003}, "schedule": {"warmupSteps": 2}, "evalEvery": 6, "evalBatches": 2,
-                     "seed": 7},
-        "checkpoint": {"everySteps": 6, "keep": 2, "exportHF": False},
-        "workers": {"procPerNode": 1},
-        "metrics": {"port": 0},
-    }
-    _merge(spec, sections)
-    return {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob", "metadata": {"name": name},
-            "spec": spec}
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return path
-
-
-def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*KUBETRAIN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def read_events(output: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = output / "events.jsonl"
-    if not path.exists():
-        return []
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [e for e in events if kind is None or e["type"] == kind]
-
-
-def step_losses(output: Path) -> dict[int, float]:
-    """Step → training loss; a step logged again after a resume keeps its newest value."""
-    return {e["step"]: e["loss"] for e in read_events(output, "step")}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def torchrun_cmd(nproc: int, config: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=0", "-m", "kubetrain_trainer.train", "--config", str(config), "--output", str(output)]
-
-
-def kill9_tree(pid: int) -> None:
-    """kill -9 a process and all its descendants at once, like a lost node (torchrun's workers run in
-    sessions of their own, so killing its process group would miss them)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
-
-
-def trainer_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 # --- the real control plane (tests/cluster) ---------------------------------------------------------------
@@ -237,7 +148,7 @@ def llmtrainingjob_gc(llmtrainingjob_crd: str, kube: Any) -> None:
 @pytest.fixture(scope="session")
 def played_node(kube: Any) -> Any:
     """A Ready Node (kept so by heartbeats) the scheduler binds the operator tests' pods to; no kubelet."""
-    from operator_support import PlayedNode
+    from support.operator import PlayedNode
 
     node = PlayedNode(kube).start()
     yield node
@@ -248,7 +159,7 @@ def played_node(kube: Any) -> Any:
 def played_kubelet(kube: Any, namespace: str, played_node: Any, llmtrainingjob_crd: str) -> Any:
     """The kubelet's part for the test's namespace (operator_support.PlayedKubelet); afterwards it releases
     the jobs' finalizers and removes the pods, so the namespace can go."""
-    from operator_support import PlayedKubelet
+    from support.operator import PlayedKubelet
 
     kubelet = PlayedKubelet(kube, namespace)
     yield kubelet

@@ -13,7 +13,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chart_support import ALL_ON, CHART, NAMESPACE, RELEASE, ROOT, helm, one, script, template, template_text, tool
+from support import ROOT
+from support.chart import ALL_ON, CHART, NAMESPACE, RELEASE, helm, one, script, template, template_text, tool
 
 KUBERNETES_VERSIONS = ["1.28.0", "1.35.0"]  # kubernetes-validate 1.37.0 ships schemas for exactly these
 MONITORING = "monitoring.coreos.com/v1"

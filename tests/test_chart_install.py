@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from chart_support import CHART, tool
 from cluster.client import Kube, kubectl, ns_path
-from conftest import ROOT, wait_for
-from operator_support import spec_dict
+from support import ROOT, spec_dict, wait_for
+from support.chart import CHART, tool
 
 LEASE = "kubetrain-operator"  # the chart's leaderElection.leaseName
 LEASE_SECONDS = 15  # `kubetrain operator --lease-duration`'s default (the chart does not set it)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 from cluster.client import Kube, kubectl
-from conftest import ROOT, TEST_MODEL, wait_for
-from s3_support import CREDENTIALS, MotoServer, free_port, objects
+from support import ROOT, TEST_MODEL, free_port, wait_for
+from support.s3 import CREDENTIALS, MotoServer, objects
 
 pytestmark = pytest.mark.slow
 BUCKET = "kubetrain-bed"

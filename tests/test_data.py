@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
 from kubetrain_trainer.errors import ConfigError
 from kubetrain_trainer.preparation import clean_text, document_hash, is_validation, prepare, resolve_inputs
 from kubetrain_trainer.shards import TokenShards
 from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
+from support.runs import run_cli
 
 
 def test_clean_text_normalises_and_trims() -> None:

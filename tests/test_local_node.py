@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cluster import kubelet_rules as rules
 from cluster.client import Kube
-from conftest import ROOT, wait_for
+from support import ROOT, wait_for
 
 IMAGE = "kubetrain/trainer:test"  # the node's image map: this checkout's .venv
 PY = "python"

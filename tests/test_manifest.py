@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, job_manifest, run_cli, write_manifest
 from kubetrain_api.config import TrainerConfig, TrainingSpec
 from kubetrain_api.manifest import JobSpec, ManifestError, load_manifest, parse_manifest
+from support import ROOT, job_manifest, training_spec, write_manifest
+from support.runs import run_cli
 
 
 def test_example_manifests_validate() -> None:
@@ -61,16 +62,17 @@ def _error(manifest: dict) -> str:
     ({"training": {"optimizer": {"betas": [0.9, 1.5]}}}, "betas must both lie in [0, 1)"),
 ])
 def test_bad_fields_are_named_with_the_fix(tmp_path: Path, change: dict, expected: str) -> None:
-    manifest = job_manifest(tmp_path, **change)
+    manifest = job_manifest(spec=training_spec(tmp_path), **change)
     assert expected in _error(manifest)
 
 
 def test_missing_data_and_wrong_kind_are_named(tmp_path: Path) -> None:
-    manifest = job_manifest(tmp_path)
+    manifest = job_manifest(spec=training_spec(tmp_path))
     del manifest["spec"]["data"]
     assert "spec.data: required field is missing" in _error(manifest)
-    assert "kind: Input should be 'LLMTrainingJob'" in _error({**job_manifest(tmp_path), "kind": "PyTorchJob"})
-    no_tokenizer = job_manifest(tmp_path)
+    wrong_kind = {**job_manifest(spec=training_spec(tmp_path)), "kind": "PyTorchJob"}
+    assert "kind: Input should be 'LLMTrainingJob'" in _error(wrong_kind)
+    no_tokenizer = job_manifest(spec=training_spec(tmp_path))
     no_tokenizer["spec"]["tokenizer"] = {}
     assert "tokenizer: set tokenizer.path" in _error(no_tokenizer)
 
@@ -91,7 +93,7 @@ def test_per_process_batch_layout() -> None:
 ])
 def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(prepared: Path, tmp_path: Path, change: dict,
                                                            nproc: int, expected: str) -> None:
-    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(prepared, **change))
+    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(spec=training_spec(prepared), **change))
     result = run_cli("run", manifest, "--output", tmp_path / "out", "--nproc", nproc)
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in result.stderr
@@ -102,7 +104,8 @@ def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(prepared: Path, tmp_
 def test_cli_rejects_unreadable_tokenizer_and_bad_yaml(prepared: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "tokenizer.json"
     garbage.write_text("{not json")
-    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(prepared, tokenizer={"path": str(garbage)}))
+    manifest = write_manifest(tmp_path / "job.yaml",
+                              job_manifest(spec=training_spec(prepared), tokenizer={"path": str(garbage)}))
     result = run_cli("run", manifest, "--output", tmp_path / "out")
     assert result.returncode == 2 and "tokenizer.path: cannot read" in result.stderr
     assert "Traceback" not in result.stderr
@@ -117,5 +120,5 @@ def test_cli_rejects_unreadable_tokenizer_and_bad_yaml(prepared: Path, tmp_path:
 def test_manifest_file_may_hold_other_documents(tmp_path: Path) -> None:
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
     path = tmp_path / "all.yaml"
-    path.write_text(yaml.safe_dump_all([secret, job_manifest(tmp_path, name="second")]))
+    path.write_text(yaml.safe_dump_all([secret, job_manifest(spec=training_spec(tmp_path), name="second")]))
     assert load_manifest(path).metadata.name == "second"

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,10 +24,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
-from chart_support import CHART, ROOT, rules_file, script, tool
 from cluster.client import Kube, ns_path
-from conftest import job_manifest, read_events, write_manifest
-from operator_support import Jobs, PlayedKubelet, wait_until
+from support import ROOT, free_port, job_manifest, training_spec, wait_until, write_manifest
+from support.chart import CHART, rules_file, script, tool
+from support.operator import Jobs, PlayedKubelet
+from support.runs import read_events
 
 JOB = "scrape-demo"
 OPERATOR_JOB = "kubetrain-metrics"  # the chart's metrics Service: the ServiceMonitor's job label
@@ -56,10 +56,6 @@ NOT_HERE = {
 ALERT_METRICS_NOT_HERE: dict[str, str] = {}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- promtool ------------------------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ async def query(http: aiohttp.ClientSession, base: str, expr: str) -> list[dict[
 async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterator[Path]:
     """`kubetrain run` of a small job that trains until stopped, checkpointing and evaluating often."""
     manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
-        prepared, name="scrape-demo", training={"maxSteps": 100000, "evalEvery": 40, "evalBatches": 1},
+        "scrape-demo", spec=training_spec(prepared), training={"maxSteps": 100000, "evalEvery": 40, "evalBatches": 1},
         checkpoint={"everySteps": 40, "keep": 1}, metrics={"port": port}))
     out = tmp_path / "run"
     proc = await asyncio.create_subprocess_exec(

@@ -15,7 +15,8 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 from cluster.client import ApiError, Kube, kubectl, ns_path
-from operator_support import FINALIZER, Jobs, PlayedKubelet, running_operator, wait_until
+from support import wait_until
+from support.operator import FINALIZER, Jobs, PlayedKubelet, running_operator
 
 pytestmark = pytest.mark.asyncio
 

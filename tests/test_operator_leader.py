@@ -25,7 +25,8 @@ from cluster.client import Kube, kubectl, ns_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubetrain_operator.leader import ElectionConfig, LeaderElector, Seen, decide, lease_spec, released_spec
-from operator_support import Jobs, PlayedKubelet, wait_until
+from support import free_port, wait_until
+from support.operator import Jobs, PlayedKubelet
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -191,12 +192,6 @@ async def kubelet(played_kubelet: PlayedKubelet) -> AsyncIterator[PlayedKubelet]
         yield played_kubelet
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Replica:

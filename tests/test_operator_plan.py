@@ -14,7 +14,8 @@ from kubetrain_operator.bookkeeping import apply_merge_patch, merge_patch, updat
 from kubetrain_operator.planner import PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.policies.restart import backoff_seconds
-from operator_support import Sim, failed, job_view, pod, spec_dict
+from support import spec_dict
+from support.operator import Sim, failed, job_view, pod
 
 NOW = 1_000_000.0
 

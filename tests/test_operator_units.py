@@ -21,7 +21,8 @@ from kubetrain_operator.progress import progress_patch
 from kubetrain_operator.render import JobRef, render_objects, render_pod
 from kubetrain_operator.validate import validate_job
 from kubetrain_trainer import entrypoint
-from operator_support import pod, spec_dict
+from support import spec_dict
+from support.operator import pod
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = JobRef("llama", "ml", "uid-1", {"kueue.x-k8s.io/queue-name": "gpus"})

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    job_manifest,
-    kill9_tree,
-    read_events,
-    run_cli,
-    step_losses,
-    torchrun_cmd,
-    trainer_env,
-    wait_for,
-    write_manifest,
-)
 from prometheus_client.parser import text_string_to_metric_families
+from support import job_manifest, training_spec, wait_for, write_manifest
+from support.runs import kill9_tree, read_events, run_cli, step_losses, torchrun_cmd, trainer_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +24,7 @@ def finished_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """A complete 2-process DDP run with export, as a user runs it."""
     d = tmp_path_factory.mktemp("run")
     manifest = write_manifest(d / "job.yaml", job_manifest(
-        prepared, training={"maxSteps": 40, "evalEvery": 20, "parallelism": "ddp"},
+        spec=training_spec(prepared), training={"maxSteps": 40, "evalEvery": 20, "parallelism": "ddp"},
         checkpoint={"everySteps": 20, "exportHF": True}, workers={"procPerNode": 2}))
     result = run_cli("run", manifest, "--output", d / "out")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -83,7 +74,8 @@ def test_exported_model_loads_with_from_pretrained(finished_run: Path) -> None:
 def test_fine_tune_from_exported_model_starts_where_it_ended(finished_run: Path, prepared: Path,
                                                            tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "ft.yaml", job_manifest(
-        prepared, model={"initFrom": str(finished_run / "model")}, tokenizer={"path": str(finished_run / "model")},
+        spec=training_spec(prepared), model={"initFrom": str(finished_run / "model")},
+        tokenizer={"path": str(finished_run / "model")},
         training={"maxSteps": 3, "evalEvery": 0}))
     result = run_cli("run", manifest, "--output", tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -105,7 +97,7 @@ def test_layouts_do_not_change_the_math(prepared: Path, tmp_path: Path) -> None:
     losses, evals = {}, {}
     for name, (nproc, parallelism, ac, compiled) in variants.items():
         manifest = write_manifest(tmp_path / f"{name}.yaml", job_manifest(
-            prepared, training={"maxSteps": 6, "evalEvery": 0, "parallelism": parallelism,
+            spec=training_spec(prepared), training={"maxSteps": 6, "evalEvery": 0, "parallelism": parallelism,
                                 "activationCheckpointing": ac, "compile": compiled},
             checkpoint={"everySteps": 0}))
         out = tmp_path / name
@@ -125,7 +117,7 @@ def test_layouts_do_not_change_the_math(prepared: Path, tmp_path: Path) -> None:
 def test_resume_after_kill9_continues_exactly(prepared: Path, tmp_path: Path) -> None:
     """Train 2N steps straight; separately train, kill -9 after the step-N commit, resume to 2N:
     the steps after the resume have exactly the uninterrupted losses, and nothing partial is loaded."""
-    spec = job_manifest(prepared, training={"maxSteps": 40, "globalBatchSize": 16, "evalEvery": 0},
+    spec = job_manifest(spec=training_spec(prepared), training={"maxSteps": 40, "globalBatchSize": 16, "evalEvery": 0},
                         checkpoint={"everySteps": 20, "keep": 3})["spec"]
     config = tmp_path / "config.json"
     config.write_text(json.dumps({k: spec[k] for k in ("model", "tokenizer", "data", "training", "checkpoint",
@@ -156,7 +148,7 @@ def test_sigterm_checkpoints_mid_run_and_resume_continues(prepared: Path, tmp_pa
     """Preemption: SIGTERM finishes the step, commits a checkpoint there, exits 143; rerun resumes.
     Meanwhile the live /metrics and /progress endpoints are scraped over HTTP."""
     manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
-        prepared, training={"maxSteps": 400, "globalBatchSize": 16, "evalEvery": 0},
+        spec=training_spec(prepared), training={"maxSteps": 400, "globalBatchSize": 16, "evalEvery": 0},
         checkpoint={"everySteps": 0}, workers={"procPerNode": 2}))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "run", str(manifest), "--output", str(out)],
@@ -193,7 +185,7 @@ def test_sigterm_checkpoints_mid_run_and_resume_continues(prepared: Path, tmp_pa
 
 def test_non_finite_loss_stops_naming_the_step(prepared: Path, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
-        prepared, training={"maxSteps": 30, "evalEvery": 0, "gradClip": 0, "optimizer": {"lr": 1e6},
+        spec=training_spec(prepared), training={"maxSteps": 30, "evalEvery": 0, "gradClip": 0, "optimizer": {"lr": 1e6},
                             "schedule": {"warmupSteps": 0, "decay": "constant"}},
         checkpoint={"everySteps": 0}))
     result = run_cli("run", manifest, "--output", tmp_path / "out")
@@ -206,7 +198,7 @@ def test_checkpoint_from_another_model_is_refused_before_launch(finished_run: Pa
                                                                tmp_path: Path) -> None:
     wider = dict(json.loads((finished_run / "trainer-config.json").read_text())["model"]["config"], hidden_size=128)
     manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
-        prepared, model={"config": wider}, checkpoint={"uri": str(finished_run / "checkpoints")}))
+        spec=training_spec(prepared), model={"config": wider}, checkpoint={"uri": str(finished_run / "checkpoints")}))
     result = run_cli("run", manifest, "--output", tmp_path / "out")
     assert result.returncode == 2
     assert "checkpoint.uri" in result.stderr and "different model architecture" in result.stderr

@@ -14,22 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import (
-    KUBETRAIN,
-    job_manifest,
-    kill9_tree,
-    read_events,
-    step_losses,
-    torchrun_cmd,
-    wait_for,
-    write_manifest,
-)
 from kubetrain_api.config import S3Spec
 from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
 from kubetrain_trainer.s3_reader import S3Reader, coalesce_reads, split_ranges
 from kubetrain_trainer.s3_writer import S3FileSystem, S3Writer, crc32_b64, object_key
 from kubetrain_trainer.storage import AlreadyExists, LocalStore, S3Store
-from s3_support import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
+from support import job_manifest, training_spec, wait_for, write_manifest
+from support.runs import KUBETRAIN, kill9_tree, read_events, step_losses, torchrun_cmd
+from support.s3 import CREDENTIALS, SECRET, MotoServer, incomplete_uploads, objects
 
 BUCKET = "kubetrain-test"
 # Big enough (22 MB of weights and AdamW state) that saves are multipart and split into objects.
@@ -217,7 +209,7 @@ def test_an_object_changed_after_its_commit_is_never_loaded(s3: MotoServer, worl
 # -- training against S3 --------------------------------------------------------------------------------
 
 def _config(tmp_path: Path, prepared: Path, s3: MotoServer, prefix: str, name: str, **training: Any) -> Path:
-    spec = job_manifest(prepared, model={"config": S3_MODEL},
+    spec = job_manifest(spec=training_spec(prepared), model={"config": S3_MODEL},
                         training={"evalEvery": 0, "globalBatchSize": 8, **training},
                         checkpoint={"uri": f"s3://{BUCKET}/{prefix}/", "everySteps": 10, "keep": 3},
                         s3=s3.s3_section())["spec"]
@@ -348,7 +340,8 @@ def test_failing_saves_stop_the_job_after_max_consecutive_failures(s3: MotoServe
 
 
 def test_unreachable_checkpoint_store_is_a_clear_error(s3: MotoServer, prepared: Path, tmp_path: Path) -> None:
-    manifest = job_manifest(prepared, checkpoint={"uri": "s3://no-such-bucket/x/"}, s3=s3.s3_section())
+    manifest = job_manifest(spec=training_spec(prepared), checkpoint={"uri": "s3://no-such-bucket/x/"},
+                            s3=s3.s3_section())
     path = write_manifest(tmp_path / "job.yaml", manifest)
     result = subprocess.run([*KUBETRAIN, "run", str(path), "--output", str(tmp_path / "out")], env=env(),
                             capture_output=True, text=True)
@@ -365,7 +358,7 @@ def test_run_from_s3_data_to_s3_checkpoints_with_preemption_export_and_no_leaked
                           env=cli_env, capture_output=True, text=True)
     assert prep.returncode == 0, prep.stderr
     assert "data/train/index.json" in objects(s3.client(), BUCKET, "data/")
-    manifest = job_manifest(tmp_path, model={"config": S3_MODEL},
+    manifest = job_manifest(spec=training_spec(tmp_path), model={"config": S3_MODEL},
                             tokenizer={"path": f"s3://{BUCKET}/data/tokenizer/"},
                             data={"train": f"s3://{BUCKET}/data/train/", "validation": f"s3://{BUCKET}/data/validation/"},
                             training={"maxSteps": 400, "evalEvery": 0},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,12 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from support import free_port
+
 # Distinctive so that a test can prove it never leaks into output, logs, metrics or events.
 SECRET = "kubetrain-test-secret-7f3a9c1e55"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class MotoServer:

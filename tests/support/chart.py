@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 CHART = ROOT / "charts" / "kubetrain"
 TOOLS = ROOT / ".tools" / "bin"
 RELEASE = NAMESPACE = "kubetrain"  # as `make manifests` renders it

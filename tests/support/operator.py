@@ -12,7 +12,6 @@ import datetime as _dt
 import itertools
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,30 +23,7 @@ from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.render import JobRef
 from kubetrain_operator.validate import validate_job
 
-
-def spec_dict(**sections: Any) -> dict[str, Any]:
-    """A small valid LLMTrainingJob spec; keyword arguments deep-merge into it."""
-    spec: dict[str, Any] = {
-        "image": "kubetrain/trainer:test",
-        "model": {"preset": "tiny"},
-        "tokenizer": {"path": "/data/tokenizer"},
-        "data": {"train": "/data/train", "validation": "/data/validation", "seqLength": 64},
-        "training": {"maxSteps": 100, "globalBatchSize": 16, "microBatchSize": 2},
-        "checkpoint": {"uri": "/checkpoints/job"},
-        "workers": {"nodes": 2, "procPerNode": 1},
-        "runPolicy": {"maxRestarts": 3, "restartBackoffSeconds": 10},
-    }
-    merge(spec, sections)
-    return spec
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
+from support import deep_merge, job_manifest, wait_for, wait_until
 
 
 def job_view(spec: Any, name: str = "job", namespace: str = "default", uid: str = "uid-job",
@@ -126,20 +102,6 @@ class Sim:
                 if reason is None or e.reason == reason]
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `condition` (sync or async) every 20 ms until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def cancelled_on_exit(coro: Awaitable[Any]) -> AsyncIterator[asyncio.Task[Any]]:
     task = asyncio.ensure_future(coro)
@@ -170,30 +132,13 @@ def placement() -> dict[str, Any]:
 
 
 def e2e_job(name: str, namespace: str, **sections: Any) -> dict[str, Any]:
-    """An LLMTrainingJob manifest (spec_dict) whose workers are scheduled onto the played node."""
-    spec = spec_dict(**sections)
-    template = spec["workers"].setdefault("podTemplate", {})
-    for key, value in placement().items():
-        template.setdefault(key, value)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMTrainingJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    """An LLMTrainingJob manifest (PLACEHOLDER_SPEC) whose workers are scheduled onto the played node."""
+    return job_manifest(name, namespace, **deep_merge({"workers": {"podTemplate": placement()}}, sections))
 
 
 def stamp(micro: bool = False) -> str:
     now = _dt.datetime.now(_dt.timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
-
-
-def poll(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """`wait_until` for synchronous code (fixtures): polls every 20 ms."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class PlayedNode:
@@ -226,7 +171,7 @@ class PlayedNode:
         self._thread.start()
         # The NodeTaint admission plugin taints every new node not-ready; the node lifecycle controller lifts
         # the taint once it has seen the Ready condition.
-        poll(lambda: [t["key"] for t in self.kube.get(f"/api/v1/nodes/{self.name}")["spec"].get("taints", [])]
+        wait_for(lambda: [t["key"] for t in self.kube.get(f"/api/v1/nodes/{self.name}")["spec"].get("taints", [])]
              == [PLAYED_TAINT], timeout=60, what=f"node {self.name} without the not-ready taint")
         return self
 
