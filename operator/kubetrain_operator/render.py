@@ -137,52 +137,77 @@ def _merge_env(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list
 
 
 def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
+    """Worker `index`: its stable name and DNS (hostname + subdomain), the trainer container, our volumes and
+    then spec.workers.podTemplate's pod-level fields."""
     template = spec.workers.pod_template
-    grace = grace_seconds(spec)
+    volumes: list[dict[str, Any]] = [
+        {"name": "kubetrain-config", "configMap": {"name": config_name(job)}},
+        {"name": "kubetrain-output", "emptyDir": {}},
+    ]
+    if not _user_mounts_shm(spec):
+        volumes.append({"name": "kubetrain-shm", "emptyDir": {"medium": "Memory"}})
+    pod_spec: dict[str, Any] = {
+        "hostname": pod_name(job, index),
+        "subdomain": service_name(job),
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": grace_seconds(spec),
+        "containers": [_trainer_container(job, spec, index)],
+        "volumes": volumes + copy.deepcopy(template.get("volumes", [])),
+    }
+    for key in POD_TEMPLATE_POD:
+        if key in template and key not in ("volumes", "terminationGracePeriodSeconds"):
+            pod_spec[key] = copy.deepcopy(template[key])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _pod_metadata(job, spec, index), "spec": pod_spec}
+
+
+def _pod_metadata(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
+    """Owned by the job; our labels win over the template's. Kueue admits the workers as one pod group."""
+    template = spec.workers.pod_template
     labels = {LABEL_INDEX: str(index), LABEL_ROLE: "worker"}
     annotations = {ANNOTATION_CONFIG_HASH: config_hash(spec)}
-    if KUEUE_QUEUE in job.labels:  # Kueue admits the workers as one pod group (gang)
+    if KUEUE_QUEUE in job.labels:
         labels.update({KUEUE_QUEUE: job.labels[KUEUE_QUEUE], KUEUE_GROUP: job.name})
         annotations[KUEUE_GROUP_COUNT] = str(spec.workers.nodes)
     meta = _metadata(job, pod_name(job, index), labels)
     meta["labels"] = {**template.get("labels", {}), **meta["labels"]}
     meta["annotations"] = {**template.get("annotations", {}), **annotations}
+    return meta
 
+
+def _user_mounts_shm(spec: JobSpec) -> bool:
+    return any(m.get("mountPath") == "/dev/shm" for m in spec.workers.pod_template.get("volumeMounts", []))
+
+
+def _trainer_container(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
+    """torchrun under the entrypoint; the template's env wins over ours, its mounts and envFrom are added."""
+    template = spec.workers.pod_template
     env: list[dict[str, Any]] = [
         {"name": "KUBETRAIN_JOB_NAME", "value": job.name},
         {"name": "KUBETRAIN_REPLICA_INDEX", "value": str(index)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(1, grace - GRACE_MARGIN_SECONDS))},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(1, grace_seconds(spec) - GRACE_MARGIN_SECONDS))},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    env_from: list[dict[str, Any]] = []
-    secret = _s3_secret(spec)
-    if secret:
-        env_from.append({"secretRef": {"name": secret}})
     mounts: list[dict[str, Any]] = [
         {"name": "kubetrain-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "kubetrain-output", "mountPath": OUTPUT_DIR},
     ]
-    volumes: list[dict[str, Any]] = [
-        {"name": "kubetrain-config", "configMap": {"name": config_name(job)}},
-        {"name": "kubetrain-output", "emptyDir": {}},
-    ]
-    user_mounts = template.get("volumeMounts", [])
-    if not any(m.get("mountPath") == "/dev/shm" for m in user_mounts):  # NCCL and data loaders need shm
+    if not _user_mounts_shm(spec):  # NCCL and data loaders need shm
         mounts.append({"name": "kubetrain-shm", "mountPath": "/dev/shm"})
-        volumes.append({"name": "kubetrain-shm", "emptyDir": {"medium": "Memory"}})
     ports = [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or DEFAULT_IMAGE,
         "command": container_command(job, spec),
         "env": _merge_env(env, template.get("env", [])),
-        "volumeMounts": mounts + copy.deepcopy(user_mounts),
+        "volumeMounts": mounts + copy.deepcopy(template.get("volumeMounts", [])),
         "ports": ports,
         "resources": copy.deepcopy(spec.workers.resources),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    secret = _s3_secret(spec)
+    env_from: list[dict[str, Any]] = [{"secretRef": {"name": secret}}] if secret else []
     if env_from or template.get("envFrom"):
         container["envFrom"] = env_from + copy.deepcopy(template.get("envFrom", []))
     if spec.metrics.port:
@@ -193,18 +218,7 @@ def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
         container["imagePullPolicy"] = template["imagePullPolicy"]
     if "containerSecurityContext" in template:
         container["securityContext"] = copy.deepcopy(template["containerSecurityContext"])
-    pod_spec: dict[str, Any] = {
-        "hostname": pod_name(job, index),
-        "subdomain": service_name(job),
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": grace,
-        "containers": [container],
-        "volumes": volumes + copy.deepcopy(template.get("volumes", [])),
-    }
-    for key in POD_TEMPLATE_POD:
-        if key in template and key not in ("volumes", "terminationGracePeriodSeconds"):
-            pod_spec[key] = copy.deepcopy(template[key])
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    return container
 
 
 def render_objects(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:

@@ -223,9 +223,8 @@ def prepare(
     batch_chars: int = 4_000_000,
     extra_meta: dict[str, Any] | None = None,
 ) -> PrepareStats:
-    """Clean, de-duplicate, tokenise (in parallel, in Rust) and write shards; atomically replaces `output`.
-    One function because it is one pipeline: the loop reads, cleans and de-duplicates the next batch
-    while the pool tokenises the last one, and writes each batch as its tokens come back."""
+    """Clean, de-duplicate, tokenise (in parallel, in Rust) and write shards; atomically replaces `output`:
+    accepted_documents → encoded_batches → the shard writers → prepare.json and the tokenizer."""
     from .tokenizer import tokenizer_fingerprint
 
     backend = tokenizer.backend_tokenizer
@@ -237,63 +236,17 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     writers = {s: ShardWriter(tmp / s, dtype, shard_tokens) for s in ("train", "validation")}
     stats = PrepareStats()
-    seen: set[int] = set()  # 64-bit content hashes: ~70 bytes per unique document
-
-    def flush(batch: list[str], sides: list[str]) -> cf.Future:
-        return pool.submit(encode, batch, add_special_tokens=False)
-
-    def write(encodings: list[Any], sides: list[str]) -> None:
+    documents = accepted_documents(train_files, validation_files, text_field, min_document_chars,
+                                   validation_split, stats)
+    for encodings, sides in encoded_batches(documents, encode, batch_chars):
         buffers: dict[str, list[int]] = {"train": [], "validation": []}
         for enc, side in zip(encodings, sides, strict=True):
-            ids = enc.ids
-            buffers[side].extend(ids)
+            buffers[side].extend(enc.ids)
             buffers[side].append(eos)
-            stats.tokens[side] += len(ids) + 1
+            stats.tokens[side] += len(enc.ids) + 1
         for side, ids in buffers.items():
             if ids:
                 writers[side].write(np.array(ids, dtype=dtype))
-
-    sources: list[tuple[list[Path], str | None]] = [(train_files, None)]
-    if validation_files:
-        sources.append((validation_files, "validation"))
-    # One batch is being tokenised (Rust threads, GIL released) while the next is read and cleaned.
-    with cf.ThreadPoolExecutor(max_workers=1) as pool:
-        pending: tuple[cf.Future, list[str]] | None = None
-        batch: list[str] = []
-        sides: list[str] = []
-        size = 0
-        for files, forced_side in sources:
-            for raw in iter_documents(files, text_field):
-                stats.documents_in += 1
-                text = clean_text(raw)
-                if len(text) < max(1, min_document_chars):
-                    stats.documents_dropped_small += 1
-                    continue
-                h = document_hash(text)
-                if h in seen:
-                    stats.documents_duplicate += 1
-                    continue
-                seen.add(h)
-                side = forced_side or ("validation" if not validation_files and is_validation(h, validation_split)
-                                       else "train")
-                stats.documents[side] += 1
-                stats.characters += len(text)
-                batch.append(text)
-                sides.append(side)
-                size += len(text)
-                if size >= batch_chars:
-                    future = flush(batch, sides)
-                    if pending:
-                        write(pending[0].result(), pending[1])
-                    pending = (future, sides)
-                    batch, sides, size = [], [], 0
-        if batch:
-            future = flush(batch, sides)
-            if pending:
-                write(pending[0].result(), pending[1])
-            pending = (future, sides)
-        if pending:
-            write(pending[0].result(), pending[1])
 
     meta = {"tokenizer": tokenizer_fingerprint(tokenizer), "vocabSize": vocab, "eosTokenId": eos,
             **(extra_meta or {})}
@@ -305,6 +258,62 @@ def prepare(
         shutil.rmtree(output)
     tmp.rename(output)
     return stats
+
+
+def accepted_documents(train_files: list[Path], validation_files: list[Path] | None, text_field: str,
+                       min_document_chars: int, validation_split: float,
+                       stats: PrepareStats) -> Iterator[tuple[str, str]]:
+    """(clean text, "train" or "validation") of each document kept: long enough and not seen before. The
+    split is by content hash, so a document lands on the same side however the files are ordered."""
+    seen: set[int] = set()  # 64-bit content hashes: ~70 bytes per unique document
+    sources: list[tuple[list[Path], str | None]] = [(train_files, None)]
+    if validation_files:
+        sources.append((validation_files, "validation"))
+    for files, forced_side in sources:
+        for raw in iter_documents(files, text_field):
+            stats.documents_in += 1
+            text = clean_text(raw)
+            if len(text) < max(1, min_document_chars):
+                stats.documents_dropped_small += 1
+                continue
+            h = document_hash(text)
+            if h in seen:
+                stats.documents_duplicate += 1
+                continue
+            seen.add(h)
+            side = forced_side or ("validation" if not validation_files and is_validation(h, validation_split)
+                                   else "train")
+            stats.documents[side] += 1
+            stats.characters += len(text)
+            yield text, side
+
+
+def encoded_batches(documents: Iterator[tuple[str, str]], encode: Any,
+                    batch_chars: int) -> Iterator[tuple[list[Any], list[str]]]:
+    """(encodings, sides) per batch of about `batch_chars` characters, in order. One batch is tokenised
+    (Rust threads, GIL released) while the next is read and cleaned, so reading and tokenising overlap."""
+    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[cf.Future, list[str]] | None = None
+        batch: list[str] = []
+        sides: list[str] = []
+        size = 0
+        for text, side in documents:
+            batch.append(text)
+            sides.append(side)
+            size += len(text)
+            if size >= batch_chars:
+                future = pool.submit(encode, batch, add_special_tokens=False)
+                if pending:
+                    yield pending[0].result(), pending[1]
+                pending = (future, sides)
+                batch, sides, size = [], [], 0
+        if batch:
+            future = pool.submit(encode, batch, add_special_tokens=False)
+            if pending:
+                yield pending[0].result(), pending[1]
+            pending = (future, sides)
+        if pending:
+            yield pending[0].result(), pending[1]
 
 
 def upload_prepared(local: Path, uri: str, s3: Any) -> None:
