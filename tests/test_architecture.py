@@ -84,3 +84,14 @@ def test_importing_a_side_loads_nothing_of_the_other(modules: str, absent: tuple
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_kubetrain_run_reports_a_bad_manifest_before_torch_loads(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("apiVersion: kubetrain.io/v1alpha1\nkind: LLMTrainingJob\nmetadata: {name: x}\n"
+                                       "spec: {data: {}}\n")
+    code = ("import sys; from kubetrain_cli.main import main; code = main(['run', sys.argv[1]]); "
+            "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.yaml")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "spec.data.train" in result.stderr
