@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .client import Kube
 from .controlplane import ROOT, ControlPlane
-from .kubelet_rules import Image, image_from_dockerfile
+from .images import Image, image_from_dockerfile
 from .netns import Network
 from .node import LocalNode
 
