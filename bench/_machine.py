@@ -13,7 +13,7 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def _cpu_jiffies() -> tuple[int, int]:
+def cpu_jiffies() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot."""
     with open("/proc/stat") as fh:
         fields = [int(x) for x in fh.readline().split()[1:]]
@@ -33,9 +33,9 @@ def _self_cpu() -> float:
 
 
 def busy_fraction(seconds: float = 2.0) -> float:
-    b0, t0 = _cpu_jiffies()
+    b0, t0 = cpu_jiffies()
     time.sleep(seconds)
-    b1, t1 = _cpu_jiffies()
+    b1, t1 = cpu_jiffies()
     return (b1 - b0) / max(1, t1 - t0)
 
 
@@ -74,13 +74,13 @@ class CpuMeter:
     """with CpuMeter() as m: ...  then m.result: how much CPU went to things that are not ours."""
 
     def __enter__(self) -> CpuMeter:
-        self._b0, self._t0 = _cpu_jiffies()
+        self._b0, self._t0 = cpu_jiffies()
         self._own0 = _children_cpu() + _self_cpu()
         self._w0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        b1, _ = _cpu_jiffies()
+        b1, _ = cpu_jiffies()
         hz = os.sysconf("SC_CLK_TCK")
         wall = time.perf_counter() - self._w0
         own = _children_cpu() + _self_cpu() - self._own0

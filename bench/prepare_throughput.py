@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 THREADS = 2
@@ -151,28 +152,55 @@ def make_scaled_corpus(files: list[Path], scale: int, root: Path) -> Path:
     return root
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: train an 8000 BPE once)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per contender on the 1x corpus (median)")
-    p.add_argument("--scale", type=int, default=10, help="size of the big corpus, in copies of the plays")
-    p.add_argument("--retries", type=int, default=2, help="re-measure when other load took >5%% of the machine")
-    p.add_argument("--json", type=Path, help="write all raw measurements here")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--input", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        args.result.write_text(json.dumps(worker(args.worker, args.input, str(args.tokenizer), args.out)))
-        return 0
+KINDS = ["encode_batch_fast", "encode_batch", "datasets-1", "datasets-2", "prepare"]
+SCALED_KINDS = ["encode_batch_fast", "datasets-2", "prepare"]  # also run on the big corpus
+LABELS = {"encode_batch_fast": "raw encode_batch_fast (2 threads)",
+          "encode_batch": "raw encode_batch (2 threads)",
+          "datasets-1": "datasets.map tokenize+pack, num_proc=1",
+          "datasets-2": "datasets.map tokenize+pack, num_proc=2",
+          "prepare": "kubetrain prepare (end to end)"}
 
-    from _machine import CpuMeter, code_version, wait_idle
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Bench:
+    """What every measurement shares: the tokenizer, the corpora and the scratch directory."""
+
+    scratch: Path
+    corpus: str
+    files: list[Path]
+    tok_dir: Path
+    big: Path  # the corpus written --scale times
+    retries: int
+
+    def measure(self, kind: str, spec: str) -> dict:
+        """One run of `kind` on `spec`, measured again (at most --retries times) while other processes took
+        more than CONTENDED of the machine; the least contended attempt is kept."""
+        from _machine import CpuMeter, wait_idle
+
+        res: dict = {}
+        for attempt in range(1 + self.retries):
+            wait_idle(log=say)
+            with CpuMeter() as meter:
+                this = run_child(kind, spec, self.tok_dir, self.scratch)
+            this["contention"] = meter.result.foreign_share
+            if not res or this["contention"] < res["contention"]:
+                res = this
+            if this["contention"] <= CONTENDED:
+                break
+            if attempt < self.retries:
+                say(f"  {kind}: {meter.result.describe()} during the run; measuring again")
+        return res
+
+
+def set_up(args: argparse.Namespace) -> Bench:
+    """The tokenizer (trained here without --tokenizer, untimed) and the big corpus, printed."""
+    from _machine import code_version
     from kubetrain_trainer.preparation import iter_training_texts, resolve_inputs
     from kubetrain_trainer.tokenizer import train_bpe
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
 
     scratch = Path(tempfile.mkdtemp(prefix="kubetrain-bench-prepare-"))
     corpus = "corpus://shakespeare"
@@ -189,98 +217,126 @@ def main() -> int:
     say(f"machine: {os.cpu_count()} CPUs; corpus: {len(files)} plays, {chars / 1e6:.1f} MB; "
         f"x{args.scale} corpus: {len(files) * args.scale} files in {big}")
     say(f"code: {code_version()}")
+    return Bench(scratch, corpus, files, tok_dir, big, args.retries)
 
-    def measure(kind: str, spec: str) -> dict:
-        res: dict = {}
-        for attempt in range(1 + args.retries):
-            wait_idle(log=say)
-            with CpuMeter() as meter:
-                this = run_child(kind, spec, tok_dir, scratch)
-            this["contention"] = meter.result.foreign_share
-            if not res or this["contention"] < res["contention"]:
-                res = this  # keep the least contended attempt
-            if this["contention"] <= CONTENDED:
-                break
-            if attempt < args.retries:
-                say(f"  {kind}: {meter.result.describe()} during the run; measuring again")
-        return res
 
-    kinds = ["encode_batch_fast", "encode_batch", "datasets-1", "datasets-2", "prepare"]
-    runs: dict[str, list[dict]] = {k: [] for k in kinds}
-    floor = measure("floor", corpus)
-    for r in range(args.repeats):  # interleaved, so slow drifts hit every contender alike
-        for kind in kinds:
-            res = measure(kind, corpus)
+def measure_all(bench: Bench, repeats: int, scale: int) -> tuple[dict, dict[str, list[dict]], dict[str, dict]]:
+    """(memory floor, runs on the 1x corpus by contender, one run on the big corpus by contender)."""
+    runs: dict[str, list[dict]] = {k: [] for k in KINDS}
+    floor = bench.measure("floor", bench.corpus)
+    for r in range(repeats):  # interleaved, so slow drifts hit every contender alike
+        for kind in KINDS:
+            res = bench.measure(kind, bench.corpus)
             runs[kind].append(res)
             say(f"  round {r + 1}: {kind:<18} {res['seconds']:6.2f}s  peak RSS {res['peakRssMiB']:6.0f} MiB"
                 f"  (other load {res['contention']:.0%})")
-    scaled_kinds = ["encode_batch_fast", "datasets-2", "prepare"]
-    scaled = {k: measure(k, str(big)) for k in scaled_kinds}
+    scaled = {k: bench.measure(k, str(bench.big)) for k in SCALED_KINDS}
     for k, res in scaled.items():
-        say(f"  x{args.scale}: {k:<18} {res['seconds']:6.2f}s  peak RSS {res['peakRssMiB']:6.0f} MiB"
+        say(f"  x{scale}: {k:<18} {res['seconds']:6.2f}s  peak RSS {res['peakRssMiB']:6.0f} MiB"
             f"  (other load {res['contention']:.0%})")
+    return floor, runs, scaled
 
-    ref_tokens = runs["encode_batch_fast"][0]["tokens"]
-    big_tokens = scaled["encode_batch_fast"]["tokens"]
-    for name, want, got in (("1x", ref_tokens, runs["prepare"][0]["tokens"]),
-                            (f"x{args.scale}", big_tokens, scaled["prepare"]["tokens"])):
-        if want != got:
-            say(f"WARNING ({name}): prepare wrote {got:,} tokens but the baseline encoded {want:,}")
 
-    # Runs that other processes disturbed (>5% of the machine) are left out when the contender has clean ones.
-    used = {k: [x for x in v if x["contention"] <= CONTENDED] or v for k, v in runs.items()}
+class Report:
+    """Tokens/s against both baselines, memory on both corpora, and the issue's targets."""
 
-    def tps(kind: str) -> float:
-        return ref_tokens / statistics.median(x["seconds"] for x in used[kind])
+    def __init__(self, floor: dict, runs: dict[str, list[dict]], scaled: dict[str, dict], repeats: int, scale: int):
+        self.floor, self.runs, self.scaled, self.repeats, self.scale = floor, runs, scaled, repeats, scale
+        self.ref_tokens = runs["encode_batch_fast"][0]["tokens"]
+        self.big_tokens = scaled["encode_batch_fast"]["tokens"]
+        # Runs that other processes disturbed (>5% of the machine) are left out when the contender has clean ones.
+        self.used = {k: [x for x in v if x["contention"] <= CONTENDED] or v for k, v in runs.items()}
+        self.big_tps = {k: self.big_tokens / r["seconds"] for k, r in scaled.items()}
 
-    labels = {"encode_batch_fast": "raw encode_batch_fast (2 threads)",
-              "encode_batch": "raw encode_batch (2 threads)",
-              "datasets-1": "datasets.map tokenize+pack, num_proc=1",
-              "datasets-2": "datasets.map tokenize+pack, num_proc=2",
-              "prepare": "kubetrain prepare (end to end)"}
-    say(f"\n1x: {ref_tokens:,} tokens ({runs['encode_batch_fast'][0]['documents']} documents, 1 EOS each), median "
-        f"of {args.repeats} runs (runs with >5% other load left out where clean ones exist); x{args.scale}: "
-        f"{big_tokens:,} tokens, 1 run. Memory floor (interpreter, imports, "
-        f"tokenizer): {floor['peakRssMiB']:.0f} MiB. cores = CPU-seconds per second of the timed part.\n")
-    head = (f"| {'corpus':<6} | {'contender':<40} | {'tokens/s':>10} | {'vs datasets np=2':>16} | "
-            f"{'vs raw encode':>13} | {'cores':>5} | {'peak RSS MiB':>12} |")
-    say(head)
-    say("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    def tps(self, kind: str) -> float:
+        return self.ref_tokens / statistics.median(x["seconds"] for x in self.used[kind])
 
-    def row(corpus_name: str, kind: str, t: float, base_ds: float, base_raw: float, cores: float, rss: float) -> None:
-        say(f"| {corpus_name:<6} | {labels[kind]:<40} | {t:>10,.0f} | {t / base_ds:>15.2f}x | {t / base_raw:>12.2f}x "
-            f"| {cores:>5.2f} | {rss:>12.0f} |")
+    def check_tokens(self) -> None:
+        """prepare must write exactly the tokens the baseline encodes, or the comparison is off."""
+        for name, want, got in (("1x", self.ref_tokens, self.runs["prepare"][0]["tokens"]),
+                                (f"x{self.scale}", self.big_tokens, self.scaled["prepare"]["tokens"])):
+            if want != got:
+                say(f"WARNING ({name}): prepare wrote {got:,} tokens but the baseline encoded {want:,}")
 
-    base_raw, base_ds = tps("encode_batch_fast"), tps("datasets-2")
-    for kind in kinds:
-        row("1x", kind, tps(kind), base_ds, base_raw, statistics.median(x["cores"] for x in used[kind]),
-            max(x["peakRssMiB"] for x in runs[kind]))
-    big_tps = {k: big_tokens / r["seconds"] for k, r in scaled.items()}
-    for kind in scaled_kinds:
-        row(f"x{args.scale}", kind, big_tps[kind], big_tps["datasets-2"], big_tps["encode_batch_fast"],
-            scaled[kind]["cores"], scaled[kind]["peakRssMiB"])
-    p1 = max(x["peakRssMiB"] for x in runs["prepare"])
-    pb = scaled["prepare"]["peakRssMiB"]
-    say(f"\nkubetrain prepare peak RSS: {p1:.0f} MiB on 1x, {pb:.0f} MiB on x{args.scale} "
-        f"({pb / p1:.2f}x for {args.scale}x the data); raw encode_batch_fast: "
-        f"{max(x['peakRssMiB'] for x in runs['encode_batch_fast']):.0f} -> "
-        f"{scaled['encode_batch_fast']['peakRssMiB']:.0f} MiB; datasets.map np=2: "
-        f"{max(x['peakRssMiB'] for x in runs['datasets-2']):.0f} -> {scaled['datasets-2']['peakRssMiB']:.0f} MiB")
-    t = tps("prepare")
-    say("targets (issue): kubetrain prepare >= 2x datasets.map(num_proc=2) and >= 0.85x raw encode_batch")
-    say(f"  vs datasets.map num_proc=2: {t / base_ds:.3f}x {'MET' if t / base_ds >= 2 else 'MISSED'} "
-        f"(x{args.scale}: {big_tps['prepare'] / big_tps['datasets-2']:.2f}x)")
-    say(f"  vs raw encode_batch_fast:   {t / base_raw:.3f}x {'MET' if t / base_raw >= 0.85 else 'MISSED'} "
-        f"(x{args.scale}: {big_tps['prepare'] / big_tps['encode_batch_fast']:.2f}x)")
-    say(f"  vs raw encode_batch:        {t / tps('encode_batch'):.2f}x "
-        f"{'MET' if t / tps('encode_batch') >= 0.85 else 'MISSED'}")
-    contended = sorted({k for k, v in used.items() for x in v if x["contention"] > CONTENDED}
-                       | {f"{k} x{args.scale}" for k, x in scaled.items() if x["contention"] > CONTENDED})
-    if contended:
-        say(f"  NOTE: {contended} had only runs with >5% other load; treat those numbers with suspicion")
+    def table(self) -> None:
+        runs, scaled, scale = self.runs, self.scaled, self.scale
+        say(f"\n1x: {self.ref_tokens:,} tokens ({runs['encode_batch_fast'][0]['documents']} documents, 1 EOS each), "
+            f"median of {self.repeats} runs (runs with >5% other load left out where clean ones exist); x{scale}: "
+            f"{self.big_tokens:,} tokens, 1 run. Memory floor (interpreter, imports, "
+            f"tokenizer): {self.floor['peakRssMiB']:.0f} MiB. cores = CPU-seconds per second of the timed part.\n")
+        head = (f"| {'corpus':<6} | {'contender':<40} | {'tokens/s':>10} | {'vs datasets np=2':>16} | "
+                f"{'vs raw encode':>13} | {'cores':>5} | {'peak RSS MiB':>12} |")
+        say(head)
+        say("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+        base_raw, base_ds = self.tps("encode_batch_fast"), self.tps("datasets-2")
+        for kind in KINDS:
+            _row("1x", kind, self.tps(kind), base_ds, base_raw,
+                 statistics.median(x["cores"] for x in self.used[kind]), max(x["peakRssMiB"] for x in runs[kind]))
+        for kind in SCALED_KINDS:
+            _row(f"x{scale}", kind, self.big_tps[kind], self.big_tps["datasets-2"],
+                 self.big_tps["encode_batch_fast"], scaled[kind]["cores"], scaled[kind]["peakRssMiB"])
+
+    def memory(self) -> None:
+        runs, scaled, scale = self.runs, self.scaled, self.scale
+        p1 = max(x["peakRssMiB"] for x in runs["prepare"])
+        pb = scaled["prepare"]["peakRssMiB"]
+        say(f"\nkubetrain prepare peak RSS: {p1:.0f} MiB on 1x, {pb:.0f} MiB on x{scale} "
+            f"({pb / p1:.2f}x for {scale}x the data); raw encode_batch_fast: "
+            f"{max(x['peakRssMiB'] for x in runs['encode_batch_fast']):.0f} -> "
+            f"{scaled['encode_batch_fast']['peakRssMiB']:.0f} MiB; datasets.map np=2: "
+            f"{max(x['peakRssMiB'] for x in runs['datasets-2']):.0f} -> {scaled['datasets-2']['peakRssMiB']:.0f} MiB")
+
+    def targets(self) -> None:
+        t, scale, big_tps = self.tps("prepare"), self.scale, self.big_tps
+        base_raw, base_ds = self.tps("encode_batch_fast"), self.tps("datasets-2")
+        say("targets (issue): kubetrain prepare >= 2x datasets.map(num_proc=2) and >= 0.85x raw encode_batch")
+        say(f"  vs datasets.map num_proc=2: {t / base_ds:.3f}x {'MET' if t / base_ds >= 2 else 'MISSED'} "
+            f"(x{scale}: {big_tps['prepare'] / big_tps['datasets-2']:.2f}x)")
+        say(f"  vs raw encode_batch_fast:   {t / base_raw:.3f}x {'MET' if t / base_raw >= 0.85 else 'MISSED'} "
+            f"(x{scale}: {big_tps['prepare'] / big_tps['encode_batch_fast']:.2f}x)")
+        say(f"  vs raw encode_batch:        {t / self.tps('encode_batch'):.2f}x "
+            f"{'MET' if t / self.tps('encode_batch') >= 0.85 else 'MISSED'}")
+        contended = sorted({k for k, v in self.used.items() for x in v if x["contention"] > CONTENDED}
+                           | {f"{k} x{scale}" for k, x in self.scaled.items() if x["contention"] > CONTENDED})
+        if contended:
+            say(f"  NOTE: {contended} had only runs with >5% other load; treat those numbers with suspicion")
+
+
+def _row(corpus_name: str, kind: str, t: float, base_ds: float, base_raw: float, cores: float, rss: float) -> None:
+    say(f"| {corpus_name:<6} | {LABELS[kind]:<40} | {t:>10,.0f} | {t / base_ds:>15.2f}x | {t / base_raw:>12.2f}x "
+        f"| {cores:>5.2f} | {rss:>12.0f} |")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: train an 8000 BPE once)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per contender on the 1x corpus (median)")
+    p.add_argument("--scale", type=int, default=10, help="size of the big corpus, in copies of the plays")
+    p.add_argument("--retries", type=int, default=2, help="re-measure when other load took >5%% of the machine")
+    p.add_argument("--json", type=Path, help="write all raw measurements here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        args.result.write_text(json.dumps(worker(args.worker, args.input, str(args.tokenizer), args.out)))
+        return 0
+
+    bench = set_up(args)
+    floor, runs, scaled = measure_all(bench, args.repeats, args.scale)
+    report = Report(floor, runs, scaled, args.repeats, args.scale)
+    report.check_tokens()
+    report.table()
+    report.memory()
+    report.targets()
     if args.json:
         args.json.write_text(json.dumps({"floor": floor, "runs": runs, "scaled": scaled}, indent=1))
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(bench.scratch, ignore_errors=True)
     return 0
 
 
