@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from cluster.client import Kube, kubectl
-from support import ROOT, TEST_MODEL, free_port, wait_for
+from support import ROOT, TEST_MODEL, free_port, job_manifest, wait_for
 from support.s3 import CREDENTIALS, MotoServer, objects
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,10 @@ def secret(kube: Kube, ns: str) -> str:
     return "s3-credentials"
 
 
-def manifest(ns: str, name: str, s3: MotoServer, credentials: str, **overrides: Any) -> dict[str, Any]:
+def manifest(ns: str, name: str, s3: MotoServer, credentials: str, **sections: Any) -> dict[str, Any]:
+    """The bed's job (support.job_manifest): TEST_MODEL over the prepared data and tokenizer in S3 for 16 steps on
+    two nodes, a checkpoint every 8 under s3://BUCKET/NS/NAME/ and the Hugging Face export; `sections` deep-merged
+    in."""
     spec: dict[str, Any] = {
         "image": "ghcr.io/kubetrain/trainer:0.1.0",
         "model": {"preset": "tiny", "config": dict(TEST_MODEL)},
@@ -95,10 +98,7 @@ def manifest(ns: str, name: str, s3: MotoServer, credentials: str, **overrides: 
         "workers": {"nodes": 2, "procPerNode": 1},
         "runPolicy": {"maxRestarts": 3, "restartBackoffSeconds": 1},
     }
-    for section, values in overrides.items():
-        spec[section] = {**spec.get(section, {}), **values}
-    return {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    return job_manifest(name, ns, spec=spec, **sections)
 
 
 def apply(control_plane: Any, body: dict[str, Any], tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 The protocol is checked three ways: its pure decision rules; a Hypothesis-driven simulation of several
 replicas racing over one Lease with an API that enforces resourceVersion as a real server does (never two
 leaders at once, whatever the interleaving, crashes and clock advances); and three real operator processes
-against a real API server (tests/cluster; one active, hand-over on SIGTERM and after a kill -9)."""
+against a real API server (tests/cluster; one active, hand-over on SIGTERM and after a kill -9; the
+played kubelet: tests/operator/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from cluster.client import Kube, kubectl, ns_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -185,14 +184,6 @@ def test_never_two_leaders_at_once(actions: list[tuple[str, int, float]]) -> Non
 
 
 # -- real operator processes against a real API server ----------------------------------------------------
-
-@pytest_asyncio.fixture
-async def kubelet(played_kubelet: PlayedKubelet) -> AsyncIterator[PlayedKubelet]:
-    async with played_kubelet.running():
-        yield played_kubelet
-
-
-
 
 class Replica:
     """`kubetrain operator --leader-elect` as a process, as a Deployment's pod would run it."""

@@ -1,0 +1,170 @@
+"""The real operator (Kopf handlers, daemons, API client) in-process against a real Kubernetes
+control plane (tests/cluster: kube-apiserver, etcd, controller manager, scheduler). The CRD is the generated
+manifests/crd.yaml; the scheduler binds worker pods to a Node that the test keeps Ready, and the test plays
+that node's kubelet (support.operator.PlayedKubelet): it writes pod status and finishes graceful deletions.
+
+This file: failures and restarts: a failed, a deleted, a force-deleted worker (each one counted restart,
+the worker recreated), a worker stuck terminating below minNodes, an exit restarting cannot help, and the
+operator itself restarting (mid-creation of the pods; with restarts counted)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster.client import kubectl, ns_path
+from support import wait_until
+from support.operator import Jobs, PlayedKubelet, running_operator
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("kubeconfig")]
+Launched = Callable[..., Awaitable[None]]  # tests/operator/conftest.py: launched
+
+
+async def test_failed_worker_is_recreated_and_counted(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+                                                      namespace: str) -> None:
+    async with running_operator(namespace):
+        await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
+        before = kubelet.uids()
+        kubelet.exit("job-worker-1", 137)
+        await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
+                         what="worker 1 recreated")
+        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]  # the survivor kept running
+        await kubelet.run("job-worker-1")
+        await wait_until(jobs.phase_is("Running"), what="Running again")
+        assert jobs.status()["restarts"] == 1
+        await wait_until(jobs.has_event("WorkerSignal: job-worker-1 was killed by SIGKILL (exit 137); restart 1 of 3"),
+                         what="the event")
+
+
+async def test_deleted_worker_is_replaced_once_it_is_gone(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+                                                          namespace: str, kubeconfig: Path) -> None:
+    """`kubectl delete pod` is graceful on a real server: the pod stays Terminating until its kubelet has
+    stopped it. The operator counts it at once, and recreates it only once it is gone."""
+    async with running_operator(namespace):
+        await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
+        before = kubelet.uids()
+        kubelet.stuck.add("job-worker-1")  # the kubelet takes its time
+        await asyncio.to_thread(kubectl, kubeconfig, "-n", namespace, "delete", "pod", "job-worker-1", "--wait=false")
+        await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+        await wait_until(jobs.has_event("WorkerDeleted: job-worker-1 is being deleted"), what="the event")
+        pod = kubelet.pods()["job-worker-1"]
+        assert pod["metadata"]["uid"] == before["job-worker-1"] and pod["metadata"]["deletionTimestamp"]
+        kubelet.stuck.clear()  # the container stopped: the kubelet deletes the pod
+        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
+                         what="worker 1 recreated")
+        assert "job-worker-1" in kubelet.finished
+        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
+        await kubelet.run("job-worker-1")
+        await wait_until(jobs.phase_is("Running"), what="Running again")
+        assert jobs.status()["restarts"] == 1
+
+
+async def test_force_deleted_worker_is_counted_once_and_recreated(jobs: Jobs, kubelet: PlayedKubelet,
+                                                                  launched: Launched, namespace: str) -> None:
+    """`kubectl delete --force --grace-period=0`: the server writes the deletionTimestamp, then removes the pod
+    in the same request, so a watch may show it Terminating (WorkerDeleted) or only gone (WorkerLost). Either
+    way it is one restart."""
+    async with running_operator(namespace):
+        await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
+        before = kubelet.uids()
+        jobs.kube.delete(kubelet.path("job-worker-1"), {"gracePeriodSeconds": 0})
+        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
+                         what="worker 1 recreated")
+        await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
+        assert "job-worker-1" not in kubelet.finished  # gone at once: no kubelet had to stop it
+        seen = ("WorkerLost: job-worker-1 disappeared", "WorkerDeleted: job-worker-1 is being deleted")
+        await wait_until(lambda: any(e.startswith(seen) for e in jobs.events()), what="the event")
+        await kubelet.run("job-worker-1")
+        await wait_until(jobs.phase_is("Running"), what="Running again")
+        assert jobs.status()["restarts"] == 1
+
+
+async def test_worker_stuck_terminating_is_force_deleted_below_min_nodes(jobs: Jobs, kubelet: PlayedKubelet,
+                                                                         launched: Launched, namespace: str) -> None:
+    """A worker on a lost node: deleted, but Terminating for good (no kubelet finishes it). Below minNodes
+    for longer than the grace period (1 s here), the operator restarts all workers and force-deletes it."""
+    async with running_operator(namespace):
+        await launched(jobs.manifest(workers={"nodes": 2, "minNodes": 2},
+                                                   runPolicy={"restartBackoffSeconds": 0}))
+        before = kubelet.uids()
+        kubelet.stuck.add("job-worker-1")
+        jobs.kube.delete(kubelet.path("job-worker-1"))
+        await wait_until(jobs.has_event("RestartingAllWorkers: only 1 of minimum 2 workers alive for 1s"),
+                         what="a restart of all workers")
+        await wait_until(lambda: len(kubelet.pods()) == 2 and not set(kubelet.uids().values()) & set(before.values()),
+                         what="both workers relaunched")
+        assert "job-worker-1" not in kubelet.finished  # the operator's force delete removed it, not the kubelet
+        await kubelet.run_all()
+        await wait_until(jobs.phase_is("Running"), what="Running again")
+        assert jobs.status()["restarts"] == 2  # the deletion, then the restart of all below minNodes
+
+
+async def test_config_error_fails_at_once_without_retry(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+                                                        namespace: str) -> None:
+    async with running_operator(namespace):
+        await launched(jobs.manifest())
+        kubelet.exit("job-worker-1", 2,
+                     message="spec.training.microBatchSize (3) must divide training.globalBatchSize (16)")
+        await wait_until(jobs.phase_is("Failed"), what="Failed")
+        st = jobs.status()
+        assert st["reason"] == "ConfigError" and "microBatchSize (3) must divide" in st["message"]
+        assert st["restarts"] == 0 and "completionTime" in st
+        assert {c["type"]: c["status"] for c in st["conditions"]}["Failed"] == "True"
+        # cleanPodPolicy Running: the running worker goes, the failed one stays for its logs.
+        await wait_until(lambda: set(kubelet.pods()) == {"job-worker-1"}, what="running pods cleaned up")
+
+
+async def test_restart_mid_creation_converges_without_duplicates(jobs: Jobs, kubelet: PlayedKubelet, namespace: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetrain_operator.kube import Kube as OperatorKube
+
+    # A ResourceQuota of two pods: the API server refuses the third and fourth creation (403).
+    quota = ns_path(namespace, "resourcequotas", "two-pods")
+    jobs.kube.create(ns_path(namespace, "resourcequotas"), {"apiVersion": "v1", "kind": "ResourceQuota",
+                                                            "metadata": {"name": "two-pods"},
+                                                            "spec": {"hard": {"pods": "2"}}})
+    await wait_until(lambda: jobs.kube.get(quota).get("status", {}).get("hard"), what="the quota's status")
+    async with running_operator(namespace) as memo:
+        jobs.create(jobs.manifest(workers={"nodes": 4}))
+        errors = memo.runtime.metrics.registry
+        await wait_until(lambda: errors.get_sample_value("kubetrain_operator_errors_total", {"kind": "reconcile"}),
+                         what="a reconcile failing on the quota")
+        assert len(kubelet.pods()) == 2
+    # The operator stopped between pod creations, before it wrote any status.
+    assert not jobs.status().get("tracking", {}).get("launched")
+    first = kubelet.uids()
+    jobs.kube.delete(quota)
+    posted: list[str] = []
+    create = OperatorKube.create
+
+    async def recording(self: OperatorKube, obj: dict[str, Any]) -> Any:
+        if obj["kind"] == "Pod":
+            posted.append(obj["metadata"]["name"])
+        return await create(self, obj)
+
+    monkeypatch.setattr(OperatorKube, "create", recording)
+    async with running_operator(namespace):
+        await wait_until(lambda: len(kubelet.pods()) == 4, what="4 pods")
+        await kubelet.run_all()
+        await wait_until(jobs.phase_is("Running"), what="Running")
+        assert jobs.status()["restarts"] == 0 and jobs.status()["workers"]["active"] == 4
+    assert set(posted) == {f"job-worker-{i}" for i in range(4)} - set(first)  # the pods that existed were adopted
+    assert {n: u for n, u in kubelet.uids().items() if n in first} == first
+
+
+async def test_restart_keeps_counted_restarts(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+                                              namespace: str) -> None:
+    async with running_operator(namespace):
+        await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 30}))
+        kubelet.exit("job-worker-1", 1)
+        await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+    async with running_operator(namespace):  # a new operator instance: nothing in memory
+        await wait_until(jobs.phase_is("Restarting"), what="Restarting")
+        await asyncio.sleep(0.6)  # a few reconciles (resync 0.5 s) with the failure in view
+        assert jobs.status()["restarts"] == 1
+        assert jobs.status()["tracking"]["replacing"].keys() == {"1"}

@@ -1,0 +1,17 @@
+"""progress.py: the trainer's /progress (served by global rank 0) → the job's status.progress patch."""
+
+from __future__ import annotations
+
+from kubetrain_operator.progress import progress_patch
+
+
+def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
+    data = {"step": 5, "maxSteps": 10, "loss": float("inf"), "mfu": 0.5, "checkpoint": None, "phase": "training",
+            "updatedAt": 100.0}
+    first = progress_patch({}, data, 200.0)
+    assert first["progress"]["step"] == 5 and "loss" not in first["progress"] and "checkpoint" not in first
+    status = {"progress": first["progress"]}
+    assert progress_patch(status, data, 300.0) == {}  # nothing new
+    moved = progress_patch(status, {**data, "step": 6}, 400.0)
+    assert moved["progress"]["step"] == 6 and moved["progress"]["stepTime"] == "1970-01-01T00:06:40.000Z"
+    assert progress_patch({}, {"step": "x"}, 1.0) == {} and progress_patch({}, ["nope"], 1.0) == {}
