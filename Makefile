@@ -18,7 +18,7 @@ $(TOOLS_STAMP): scripts/install-tools.sh
 	bash scripts/install-tools.sh
 	touch $@
 
-# The plain-YAML install (kubectl apply -k manifests/) from the chart; tests/test_chart.py fails on drift.
+# The plain-YAML install (kubectl apply -k manifests/) from the chart; tests/chart/test_chart_render.py fails on drift.
 manifests: $(STAMP) $(TOOLS_STAMP)
 	$(VENV)/bin/kubetrain crd --write manifests/crd.yaml --write charts/kubetrain/crds/llmtrainingjobs.yaml
 	$(PY) scripts/dashboards.py

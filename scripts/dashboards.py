@@ -1,6 +1,6 @@
 """Writes the Grafana dashboards charts/kubetrain/dashboards/*.json (`make manifests` runs it; a test fails when
 the files drift). Panels are declared compactly here; queries use only metrics the trainer and the operator
-export (tests/test_monitoring.py runs every one against a real scrape).
+export (tests/chart/test_monitoring.py runs every one against a real scrape).
 
 Labels: training pods are scraped by the chart's PodMonitor, which adds `namespace`, `pod` and `job_name`
 (from the pod label kubetrain.io/job-name). GPU panels read NVIDIA dcgm-exporter's metrics, whose `namespace`

@@ -2,7 +2,7 @@
 
 Writes manifests/kubetrain.yaml (`helm template` of charts/kubetrain, release `kubetrain` in namespace
 `kubetrain`), manifests/namespace.yaml and manifests/kustomization.yaml (with manifests/crd.yaml, which
-`kubetrain crd` writes). tests/test_chart.py renders the same and fails when the files drift.
+`kubetrain crd` writes). tests/chart/test_chart_render.py renders the same and fails when the files drift.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def played_node(kube: Any) -> Any:
 
 @pytest.fixture
 def played_kubelet(kube: Any, namespace: str, played_node: Any, llmtrainingjob_crd: str) -> Any:
-    """The kubelet's part for the test's namespace (operator_support.PlayedKubelet); afterwards it releases
+    """The kubelet's part for the test's namespace (support.operator.PlayedKubelet); afterwards it releases
     the jobs' finalizers and removes the pods, so the namespace can go."""
     from support.operator import PlayedKubelet
 
