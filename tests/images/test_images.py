@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_INSTALL = ["pip install -c constraints.txt '.[operator]'"]
 TRAINER_INSTALL = ["pip install torch==2.13.0", "pip install -c constraints.txt '.[trainer]'"]
 

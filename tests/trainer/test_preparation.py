@@ -1,4 +1,5 @@
-"""Data preparation: clean-up, filtering, de-duplication, split, tokenisation and shard format."""
+"""kubetrain_trainer.preparation (and `kubetrain prepare`): clean-up, filtering, de-duplication, the validation
+split, tokenisation and the shards it writes; input files it cannot use are named."""
 
 from __future__ import annotations
 
@@ -70,24 +71,6 @@ def test_prepare_reads_parquet_and_separate_validation(tmp_path: Path, tokenizer
     assert stats.documents == {"train": 50, "validation": 1}
     with pytest.raises(ConfigError, match=r"data.textField: .* has no column 'text'"):
         prepare([tmp_path / "train.parquet"], tokenizer, tmp_path / "out2")
-
-
-def test_token_shards_pack_fixed_length_windows(tmp_path: Path, tokenizer) -> None:
-    d = tmp_path / "s"
-    d.mkdir()
-    from kubetrain_trainer.preparation import ShardWriter
-
-    w = ShardWriter(d, np.dtype(np.uint16), shard_tokens=25)
-    w.write(np.arange(60, dtype=np.uint16))
-    w.close({"tokenizer": "x"})
-    shards = TokenShards(d, seq_length=8)
-    # shards of 25, 25, 10 tokens → 3 + 3 + 1 windows of 8+1 tokens
-    assert len(shards) == 7
-    batch = shards.batch(np.array([0, 2, 3, 6]))
-    assert batch[0].tolist() == list(range(0, 9))
-    assert batch[1].tolist() == list(range(16, 25))
-    assert batch[2].tolist() == list(range(25, 34))
-    assert batch[3].tolist() == list(range(50, 59))
 
 
 def test_missing_inputs_and_non_shard_dirs_are_named(tmp_path: Path) -> None:

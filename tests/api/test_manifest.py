@@ -1,4 +1,5 @@
-"""The manifest and trainer config: defaults, camelCase, and bad input rejected with the field named."""
+"""kubetrain_api.manifest and kubetrain_api.config: the manifest and the trainer config, their defaults and
+camelCase, and bad input rejected with the field named."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import pytest
 import yaml
 from kubetrain_api.config import TrainerConfig, TrainingSpec
 from kubetrain_api.manifest import JobSpec, ManifestError, load_manifest, parse_manifest
-from support import ROOT, job_manifest, training_spec, write_manifest
-from support.runs import run_cli
+from support import ROOT, job_manifest, training_spec
 
 
 def test_example_manifests_validate() -> None:
@@ -82,39 +82,6 @@ def test_per_process_batch_layout() -> None:
     assert t.batch_layout_error(2) is None
     assert "must divide the per-process batch (8 / 4 processes = 2); use 2" in (t.batch_layout_error(4) or "")
     assert "multiple of the number of processes (3)" in (t.batch_layout_error(3) or "")
-
-
-@pytest.mark.parametrize(("change", "nproc", "expected"), [
-    ({"model": {"preset": "gpt2"}}, 1, "spec.model.preset"),
-    ({"training": {"globalBatchSize": 8, "microBatchSize": 4}}, 4, "training.microBatchSize (4) must divide"),
-    ({"data": {"train": "/nonexistent/*.txt", "validation": None}}, 1, "data.train: no input files match"),
-    ({"model": {"config": {"num_layers": 3}}}, 1, "model.config.num_layers: not a LlamaConfig field"),
-    ({"workers": {"minNodes": 4, "maxNodes": 2}}, 1, "spec.workers.minNodes (4) must not exceed"),
-])
-def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(prepared: Path, tmp_path: Path, change: dict,
-                                                           nproc: int, expected: str) -> None:
-    manifest = write_manifest(tmp_path / "job.yaml", job_manifest(spec=training_spec(prepared), **change))
-    result = run_cli("run", manifest, "--output", tmp_path / "out", "--nproc", nproc)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert expected in result.stderr
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "train.log").exists()  # refused before any process started
-
-
-def test_cli_rejects_unreadable_tokenizer_and_bad_yaml(prepared: Path, tmp_path: Path) -> None:
-    garbage = tmp_path / "tokenizer.json"
-    garbage.write_text("{not json")
-    manifest = write_manifest(tmp_path / "job.yaml",
-                              job_manifest(spec=training_spec(prepared), tokenizer={"path": str(garbage)}))
-    result = run_cli("run", manifest, "--output", tmp_path / "out")
-    assert result.returncode == 2 and "tokenizer.path: cannot read" in result.stderr
-    assert "Traceback" not in result.stderr
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("spec: [unclosed")
-    result = run_cli("run", bad)
-    assert result.returncode == 2 and "not valid YAML" in result.stderr
-    result = run_cli("run", tmp_path / "missing.yaml")
-    assert result.returncode == 2 and "cannot read the manifest" in result.stderr
 
 
 def test_manifest_file_may_hold_other_documents(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""End to end: the real `kubetrain run` CLI launching real torchrun processes (gloo on CPU)."""
+"""`kubetrain run` end to end (kubetrain_trainer.run and the trainer it launches): the real CLI launching real
+torchrun processes (gloo on CPU): summary, export, fine-tuning, layouts, kill -9 and SIGTERM resumes, refusals."""
 
 from __future__ import annotations
 

@@ -1,0 +1,150 @@
+"""kubetrain_trainer.checkpoint's CheckpointManager: discovery of committed checkpoints, checksums that keep a
+changed checkpoint from being loaded, the staging buffers saves reuse, retention, and exclusive commits, on a
+local directory and on S3 (moto_server)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kubetrain_api.config import S3Spec
+from kubetrain_trainer.checkpoint import MARKER, CheckpointManager
+from kubetrain_trainer.errors import ConfigError
+from kubetrain_trainer.storage import LocalStore, S3Store
+from support.s3 import MotoServer
+
+# -- on a local directory -------------------------------------------------------------------------------
+
+
+def test_checkpoint_discovery_ignores_uncommitted_and_damaged(tmp_path: Path) -> None:
+    manager = CheckpointManager(LocalStore(tmp_path), keep=2, rank=0, fingerprints={"model": "m"})
+    for step, committed in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"step-{step:09d}"
+        d.mkdir()
+        (d / "data").write_bytes(b"x" * step)
+        if committed:
+            (d / MARKER).write_text(json.dumps({"step": step, "files": {"data": step}, "model": "m"}))
+    assert manager.committed_steps() == [10, 20] and manager.latest() == 20
+    (tmp_path / "step-000000020" / "data").write_bytes(b"short")  # damaged after commit
+    assert manager.latest() == 10
+    (tmp_path / "step-000000010" / MARKER).write_text(json.dumps({"step": 10, "files": {"data": 10}, "model": "z"}))
+    with pytest.raises(ConfigError, match=r"different model architecture"):
+        manager.check_compatible(10)
+
+
+def test_a_local_checkpoint_changed_after_its_commit_is_never_loaded(tmp_path: Path, world_of_one: None,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    manager = CheckpointManager(LocalStore(tmp_path), keep=3, rank=0, fingerprints={"model": "m"})
+    for step in (1, 2):
+        manager.save(step, model, opt, {"step": step}, asynchronous=False)
+    marker = json.loads((tmp_path / "step-000000002" / MARKER).read_text())
+    name = next(n for n in marker["files"] if n.endswith(".distcp"))
+    assert marker["files"][name]["checksum"].startswith("crc32:") and manager.latest() == 2
+    path = tmp_path / "step-000000002" / name
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one flipped bit, same size: bit rot, or a stray writer
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        assert manager.latest() == 1
+    assert f"{name} has changed since it was committed" in caplog.text
+
+
+def test_staging_buffers_prepared_in_the_background_are_the_ones_saves_use(tmp_path: Path,
+                                                                           world_of_one: None) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager = CheckpointManager(LocalStore(tmp_path), keep=2, rank=0, fingerprints={"model": "m"})
+    manager.prepare(model, optimizer)  # no optimizer state yet: nothing to size the buffers by
+    assert manager._preparing is None
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    manager.prepare(model, optimizer)
+    assert manager._preparing is not None
+    manager._preparing.join()
+    cache = manager._writer_for().state_dict_cache
+    staged = cache["model"]["0.weight"]
+    assert staged.data_ptr() != model[0].weight.data_ptr() and torch.count_nonzero(staged) == 0  # touched, zeroed
+    manager.save(1, model, optimizer, {"step": 1}, asynchronous=True)
+    result = manager.wait()
+    assert result is not None and result.ok
+    assert manager._writer_for().state_dict_cache is cache and torch.equal(staged, model[0].weight.detach())
+    assert manager.latest() == 1
+
+
+def test_a_retention_failure_never_fails_or_loses_a_committed_save(tmp_path: Path, world_of_one: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting old checkpoints fails (an immutable directory: not even root may delete in it); the new
+    checkpoint is still reported committed and kept, and the old one is deleted by a later retention."""
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    results: list = []
+    manager = CheckpointManager(LocalStore(tmp_path), keep=1, rank=0, fingerprints={"model": "m"},
+                                on_result=results.append)
+    manager.save(1, model, optimizer, {"step": 1}, asynchronous=False)
+    old = tmp_path / "step-000000001"
+    attempt = next(p for p in old.iterdir() if p.is_dir())
+    subprocess.run(["chattr", "+i", str(attempt)], check=True)
+    try:
+        manager.save(2, model, optimizer, {"step": 2}, asynchronous=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(attempt)], check=True)
+    assert [r.ok for r in results] == [True, True]
+    # step 2 is whole; step 1 lost its COMMITTED marker first (it is never half-deleted yet loadable)
+    assert manager.committed_steps() == [2] and manager.latest() == 2 and attempt.exists()
+    assert "could not delete old checkpoints" in caplog.text
+    manager.save(3, model, optimizer, {"step": 3}, asynchronous=False)
+    assert manager.committed_steps() == [3] and manager.latest() == 3 and not old.exists()
+
+
+# -- on S3 ----------------------------------------------------------------------------------------------
+
+
+def test_two_writers_cannot_commit_the_same_step(s3: MotoServer, bucket: str, world_of_one: None) -> None:
+    store = S3Store(f"s3://{bucket}/race/", S3Spec.model_validate(s3.s3_section()))
+    model = torch.nn.Linear(32, 32)
+    opt = torch.optim.AdamW(model.parameters())
+    results: list[Any] = []
+    first = CheckpointManager(store, 2, 0, {"model": "m"}, s3=store.spec, on_result=results.append)
+    second = CheckpointManager(store, 2, 0, {"model": "m"}, s3=store.spec, on_result=results.append)
+    first.save(7, model, opt, {"step": 7}, asynchronous=False)
+    marker = store.get(f"step-000000007/{MARKER}")
+    second.save(7, model, opt, {"step": 7}, asynchronous=False)
+    assert [r.ok for r in results] == [True, False]
+    assert "already committed by another writer" in (results[1].error or "")
+    assert store.get(f"step-000000007/{MARKER}") == marker
+    assert first.latest() == 7
+
+
+def test_an_object_changed_after_its_commit_is_never_loaded(s3: MotoServer, bucket: str, world_of_one: None,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    store = S3Store(f"s3://{bucket}/tamper/", S3Spec.model_validate(s3.s3_section()))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, 12 MiB with AdamW state: multipart, 2 objects
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    manager = CheckpointManager(store, 3, 0, {"model": "m"}, s3=store.spec)
+    for step in (1, 2):
+        manager.save(step, model, opt, {"step": step}, asynchronous=False)
+    marker = json.loads(store.get(f"step-000000002/{MARKER}"))
+    assert all(entry["checksum"].startswith("etag:") for entry in marker["files"].values())
+    assert manager.latest() == 2
+    # Another writer replaces one object of the newest checkpoint with different bytes of the same size:
+    # the listing's sizes still match, its content does not.
+    name = next(n for n, e in marker["files"].items() if n.endswith(".distcp.00000"))
+    key = store.key(f"step-000000002/{name}")
+    data = bytearray(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    assert store.list(f"step-000000002/{name}") == {f"step-000000002/{name}": marker["files"][name]["size"]}
+    with caplog.at_level("WARNING"):
+        assert manager.latest() == 1
+    assert f"checkpoint 2 is damaged ({name} has changed since it was committed" in caplog.text
