@@ -154,6 +154,8 @@ def release(local_cluster: Any, control_plane: Any, kube: Kube, tmp_path_factory
 @explained
 def test_the_operator_replicas_run_ready_under_the_charts_service_account_and_rbac(
         release: Release, kube: Kube, local_cluster: Any) -> None:
+    """Both replicas of the installed chart, checked in one pass as an operator would look: Ready, who they
+    run as, the ServiceAccount their token names, and exactly the RBAC the chart grants."""
     deployment = kube.get(f"/apis/apps/v1/namespaces/{release.namespace}/deployments/{release.fullname}-operator")
     assert (deployment["status"].get("readyReplicas"), deployment["status"].get("availableReplicas")) == (2, 2)
     pods = operator_pods(kube, release)
@@ -332,6 +334,8 @@ def test_killing_the_leader_hands_over_to_the_standby_and_it_comes_back_on_stand
 @explained
 def test_helm_uninstall_removes_the_operator_and_its_pods_stop_gracefully(
         release: Release, kube: Kube, local_cluster: Any) -> None:
+    """`helm uninstall` as one scenario (it can only happen once per release): the objects go, and the
+    operator's pods stop on SIGTERM with exit 0."""
     pods_path = ns_path(release.namespace, "pods")
     listing = kube.get(pods_path, labelSelector=release.selector)
     names = {p["metadata"]["name"] for p in listing["items"]}

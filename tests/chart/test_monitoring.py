@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from cluster.client import Kube, ns_path
-from support import ROOT, free_port, job_manifest, training_spec, wait_until, write_manifest
+from support import ROOT, free_port, job_manifest, stop_process, training_spec, wait_until, write_manifest
 from support.chart import CHART, rules_file, script, tool
 from support.operator import Jobs, PlayedKubelet
 from support.runs import read_events
@@ -160,12 +160,7 @@ def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], r
                 time.sleep(0.1)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
         log.close()
 
 

@@ -45,6 +45,8 @@ open("/dev/termination-log", "w").write("all done")
 
 def test_a_pod_runs_as_pid1_with_its_volumes_env_token_and_network(local_cluster: Any, kube: Kube, namespace: str,
                                                                    tmp_path: Path) -> None:
+    """One pod, every kind of volume, env source and the network checked from inside it: one scenario,
+    because a pod's start (namespaces, mounts, token request) is what costs, not the checks."""
     ns = namespace
     kube.create(f"/api/v1/namespaces/{ns}/configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
                                                         "metadata": {"name": "cm"},

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from cluster.client import Kube, kubectl
-from support import ROOT, TEST_MODEL, free_port, job_manifest, wait_for
+from support import ROOT, TEST_MODEL, free_port, job_manifest, stop_process, wait_for
 from support.s3 import CREDENTIALS, MotoServer, objects
 
 pytestmark = pytest.mark.slow
@@ -63,12 +63,7 @@ def operator(control_plane: Any, crd_applied: None, namespace: str, tmp_path: Pa
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

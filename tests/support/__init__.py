@@ -1,7 +1,8 @@
-"""What every kind of test shares: a free port, deep merge, waiting (sync and async), and the one builder of
-LLMTrainingJob manifests. Tests import it as `support` (pytest puts tests/ on sys.path); nothing imports
-conftest. The servers and players live beside it: support.s3 (moto), support.chart (helm), support.operator
-(the played node and kubelet, the in-memory cluster for the planner); the test bed is tests/cluster/.
+"""What every kind of test shares: a free port, deep merge, waiting (sync and async), stopping a server
+process, and the one builder of LLMTrainingJob manifests. Tests import it as `support` (pytest puts tests/
+on sys.path); nothing imports conftest. The servers and players live beside it: support.s3 (moto),
+support.chart (helm), support.operator (the played node and kubelet, the in-memory cluster for the
+planner), support.runs (the CLI and torchrun as subprocesses); the test bed is tests/cluster/.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -87,6 +89,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:

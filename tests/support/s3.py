@@ -15,7 +15,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from support import free_port
+from support import free_port, stop_process
 
 # Distinctive so that a test can prove it never leaks into output, logs, metrics or events.
 SECRET = "kubetrain-test-secret-7f3a9c1e55"
@@ -54,12 +54,7 @@ class MotoServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
 
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",

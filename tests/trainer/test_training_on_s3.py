@@ -173,6 +173,8 @@ def test_unreachable_checkpoint_store_is_a_clear_error(s3: MotoServer, prepared:
 
 def test_run_from_s3_data_to_s3_checkpoints_with_preemption_export_and_no_leaked_secret(
         s3: MotoServer, bucket: str, small_corpus: Path, tmp_path: Path) -> None:
+    """The S3 user's whole path as one scenario, each step on the previous one's output: prepare to S3,
+    train from it, SIGTERM (checkpoint), resume, export; then no secret anywhere in logs, events or objects."""
     cli_env = {**env(), "AWS_ENDPOINT_URL_S3": s3.endpoint}
     prep = subprocess.run([*KUBETRAIN, "prepare", "--input", str(small_corpus), "--train-tokenizer", "512",
                            "--validation-split", "0.2", "--output", f"s3://{bucket}/data/"],
