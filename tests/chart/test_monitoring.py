@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -181,7 +182,7 @@ async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterat
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kubetrain_cli", "run", str(manifest), "--output", str(out),
         stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         yield out
     finally:

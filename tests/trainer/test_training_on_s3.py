@@ -196,7 +196,7 @@ def test_run_from_s3_data_to_s3_checkpoints_with_preemption_export_and_no_leaked
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     progress = urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=5).read().decode()
     assert "kubetrain_checkpoint_blocked_seconds_count" in scraped and json.loads(progress)["checkpoint"]
-    proc.send_signal(__import__("signal").SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stdout + stderr
     preempted = read_events(out, "preempted")[-1]["step"]

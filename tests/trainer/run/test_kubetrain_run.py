@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,7 +66,7 @@ def test_exported_model_loads_with_from_pretrained(finished_run: Path) -> None:
 
     summary = json.loads((finished_run / "summary.json").read_text())
     val = TokenShards(json.loads((finished_run / "trainer-config.json").read_text())["data"]["validation"], 64)
-    batch = val.batch(__import__("numpy").arange(min(len(val), 16)))
+    batch = val.batch(np.arange(min(len(val), 16)))
     with torch.no_grad():
         out = model(batch[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten()).item()
