@@ -49,7 +49,7 @@ def load_docs(spec: str) -> list[str]:
     from kubetrain_trainer.preparation import clean_text, document_hash, iter_documents, resolve_inputs
 
     docs, seen = [], set()
-    for raw in iter_documents(resolve_inputs(spec, "input"), "text"):
+    for raw, _ in iter_documents(resolve_inputs(spec, "input"), "text"):
         text = clean_text(raw)
         h = document_hash(text)
         if len(text) >= 32 and h not in seen:

@@ -3,6 +3,7 @@ creating, reading and waiting for pods on the real control plane."""
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -32,8 +33,18 @@ def get(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
 
 
 def wait_phase(kube: Kube, ns: str, name: str, *phases: str, timeout: float = 60) -> dict[str, Any]:
-    return wait_for(lambda: (p := get(kube, ns, name)) and p["status"].get("phase") in phases and p,  # type: ignore[no-any-return]
-                    timeout=timeout, what=f"pod {name} {phases}")
+    """The pod once its phase is one of `phases`; on a timeout the error shows where it was (node, status,
+    the namespace's events), which is what a failure under load needs to be understood."""
+    try:
+        return wait_for(lambda: (p := get(kube, ns, name)) and p["status"].get("phase") in phases and p,  # type: ignore[no-any-return]
+                        timeout=timeout, what=f"pod {name} {phases}")
+    except AssertionError as exc:
+        pod = get(kube, ns, name) or {}
+        events = kube.get(f"/api/v1/namespaces/{ns}/events").get("items", [])
+        seen = [f"{e.get('reason')}: {e.get('message')}" for e in events
+                if (e.get("involvedObject") or {}).get("name") == name]
+        raise AssertionError(f"{exc}; node {pod.get('spec', {}).get('nodeName')}, status "
+                             f"{json.dumps(pod.get('status'))[:3000]}, events {seen[-10:]}") from None
 
 
 def container_state(pod: dict[str, Any], name: str = "main") -> dict[str, Any]:

@@ -3,6 +3,7 @@ split, tokenisation and the shards it writes; input files it cannot use are name
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from kubetrain_trainer.errors import ConfigError
-from kubetrain_trainer.preparation import clean_text, document_hash, is_validation, prepare, resolve_inputs
+from kubetrain_trainer.preparation import (
+    BIG_TEXT_FILE,
+    clean_text,
+    document_hash,
+    held_out,
+    is_validation,
+    prepare,
+    resolve_inputs,
+    split_text,
+)
 from kubetrain_trainer.shards import TokenShards
 from kubetrain_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe
 from support.runs import run_cli
@@ -36,6 +46,37 @@ def tokenizer(small_corpus: Path):
     from kubetrain_trainer.preparation import iter_training_texts
 
     return train_bpe(iter_training_texts(sorted(small_corpus.glob("*.txt")), "text", None, 10**7), 400)
+
+
+def test_split_text_cuts_after_each_piece_at_a_paragraph_break_and_keeps_every_character() -> None:
+    paragraphs = "".join(f"line {i} " + "x" * (i % 50) + ("\n\n" if i % 7 == 0 else "\n") for i in range(3000))
+    pieces = list(split_text(paragraphs, 500))
+    assert "".join(pieces) == paragraphs and len(pieces) > 100
+    assert all(len(p) >= 500 and p.endswith("\n\n") for p in pieces[:-1])
+    lines = "".join(f"line {i}\n" for i in range(3000))  # no paragraph break: cut at a line break
+    assert all(p.endswith("\n") for p in split_text(lines, 500))
+    assert [len(p) for p in split_text("a" * 50, 10)] == [10, 10, 10, 20]  # no break at all: exact lengths
+    assert list(split_text("short", 10)) == ["short"] and list(split_text("", 10)) == []
+
+
+def test_pieces_of_a_big_file_are_held_out_evenly_by_position() -> None:
+    held = [i for i in range(1000) if held_out(0, i, 0.02)]
+    assert len(held) == 20 and {b - a for a, b in itertools.pairwise(held)} == {50}
+    assert held_out(document_hash("a"), None, 0.3) == is_validation(document_hash("a"), 0.3)
+
+
+def test_one_big_text_file_is_split_into_documents_so_the_validation_share_holds(
+        tmp_path: Path, corpus_files: list[Path], tokenizer) -> None:
+    big = tmp_path / "plays.txt"
+    big.write_text("\n\n".join(f.read_text() for f in corpus_files[:20]))
+    assert big.stat().st_size > BIG_TEXT_FILE
+    stats = prepare([big], tokenizer, tmp_path / "big", validation_split=0.02)
+    share = stats.tokens["validation"] / (stats.tokens["train"] + stats.tokens["validation"])
+    assert stats.documents_in > 100 and stats.documents["validation"] == stats.documents_in * 2 // 100
+    assert 0.01 < share < 0.03
+    one_play = tmp_path / "play.txt"  # under the threshold a .txt stays one document
+    one_play.write_text(corpus_files[0].read_text())
+    assert prepare([one_play], tokenizer, tmp_path / "small", validation_split=0.02).documents_in == 1
 
 
 def test_prepare_dedups_drops_tiny_and_separates_documents_with_eos(tmp_path: Path, tokenizer) -> None:

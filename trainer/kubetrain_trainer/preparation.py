@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,12 @@ CORPORA = {
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
+# A .txt file is one document, unless it is over BIG_TEXT_FILE bytes: then it is a corpus in one file (a book,
+# a dump), cut into documents of about TEXT_PIECE characters at paragraph breaks, so that validationSplit can
+# hold out its share of the text (see held_out) and de-duplication still sees whole passages.
+BIG_TEXT_FILE = 1 << 20
+TEXT_PIECE = 1 << 14
 
 
 def clean_text(text: str) -> str:
@@ -61,6 +68,15 @@ def document_hash(text: str) -> int:
 def is_validation(doc_hash: int, split: float) -> bool:
     """Deterministic hold-out by content hash: the same document always lands on the same side."""
     return (doc_hash % 1_000_000) < split * 1_000_000
+
+
+def held_out(doc_hash: int, piece: int | None, split: float) -> bool:
+    """Whether a document goes to validation. By its content hash, so it lands on the same side however the
+    files are ordered; but the `piece`-th piece of a big .txt by position, every (1/split)-th piece, because a
+    hash would leave a few hundred pieces at a 1% split with none held out about one time in five."""
+    if piece is None:
+        return is_validation(doc_hash, split)
+    return math.floor((piece + 1) * split) > math.floor(piece * split)
 
 
 def cache_dir() -> Path:
@@ -119,11 +135,31 @@ def is_prepared(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
-    """Raw documents: a .txt file is one document; a .jsonl line or a parquet row is one."""
+def split_text(text: str, piece: int = TEXT_PIECE) -> Iterator[str]:
+    """`text` in consecutive pieces (joined, they are `text`) of at least `piece` characters but the last,
+    each ending at the first paragraph break after `piece` characters; where there is none within 4 × `piece`,
+    at a line break, else after exactly `piece` characters."""
+    start = 0
+    while len(text) - start > 2 * piece:
+        low, high = start + piece, start + 4 * piece
+        found = _PARAGRAPH_BREAK.search(text, low, high)
+        cut = found.end() if found else text.find("\n", low, high) + 1 or low
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
+def iter_documents(files: list[Path], text_field: str) -> Iterator[tuple[str, int | None]]:
+    """(raw document, its piece number if it is a piece of a big .txt, else None): a .txt file is one document
+    (over BIG_TEXT_FILE bytes: pieces of it, see split_text); a .jsonl line or a parquet row is one."""
     for f in files:
         if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8", errors="replace")
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if f.stat().st_size > BIG_TEXT_FILE:
+                yield from ((piece, i) for i, piece in enumerate(split_text(text)))
+            else:
+                yield text, None
         elif f.suffix in (".jsonl", ".json"):
             with f.open(encoding="utf-8", errors="replace") as fh:
                 for lineno, line in enumerate(fh, 1):
@@ -136,7 +172,7 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
                     if not isinstance(record, dict) or text_field not in record:
                         raise ConfigError(f"data.textField: {f}:{lineno} has no field {text_field!r}; "
                                           f"set data.textField to the field holding the text")
-                    yield str(record[text_field])
+                    yield str(record[text_field]), None
         else:
             import pyarrow.parquet as pq
 
@@ -147,7 +183,7 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for value in batch.column(0).to_pylist():
                     if value is not None:
-                        yield str(value)
+                        yield str(value), None
 
 
 @dataclass
@@ -263,14 +299,14 @@ def prepare(
 def accepted_documents(train_files: list[Path], validation_files: list[Path] | None, text_field: str,
                        min_document_chars: int, validation_split: float,
                        stats: PrepareStats) -> Iterator[tuple[str, str]]:
-    """(clean text, "train" or "validation") of each document kept: long enough and not seen before. The
-    split is by content hash, so a document lands on the same side however the files are ordered."""
+    """(clean text, "train" or "validation") of each document kept: long enough and not seen before; the
+    side as held_out says."""
     seen: set[int] = set()  # 64-bit content hashes: ~70 bytes per unique document
     sources: list[tuple[list[Path], str | None]] = [(train_files, None)]
     if validation_files:
         sources.append((validation_files, "validation"))
     for files, forced_side in sources:
-        for raw in iter_documents(files, text_field):
+        for raw, piece in iter_documents(files, text_field):
             stats.documents_in += 1
             text = clean_text(raw)
             if len(text) < max(1, min_document_chars):
@@ -281,7 +317,7 @@ def accepted_documents(train_files: list[Path], validation_files: list[Path] | N
                 stats.documents_duplicate += 1
                 continue
             seen.add(h)
-            side = forced_side or ("validation" if not validation_files and is_validation(h, validation_split)
+            side = forced_side or ("validation" if not validation_files and held_out(h, piece, validation_split)
                                    else "train")
             stats.documents[side] += 1
             stats.characters += len(text)
@@ -326,9 +362,9 @@ def upload_prepared(local: Path, uri: str, s3: Any) -> None:
 def iter_training_texts(files: list[Path], text_field: str, split: float | None, limit_chars: int) -> Iterator[str]:
     """Cleaned training documents (validation hold-out excluded) for tokenizer training, up to a budget."""
     used = 0
-    for raw in iter_documents(files, text_field):
+    for raw, piece in iter_documents(files, text_field):
         text = clean_text(raw)
-        if not text or (split is not None and is_validation(document_hash(text), split)):
+        if not text or (split is not None and held_out(document_hash(text), piece, split)):
             continue
         yield text
         used += len(text)
