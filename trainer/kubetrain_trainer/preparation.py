@@ -373,8 +373,10 @@ def iter_training_texts(files: list[Path], text_field: str, split: float | None,
 
 
 def inputs_fingerprint(files: list[Path], **params: Any) -> str:
-    """Changes when any input file (path, size, mtime) or preparation parameter changes."""
-    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    """Changes when any input file (path, size, mtime) or preparation parameter changes, or the rule that
+    cuts big .txt files into documents."""
+    rule = {"bigTextFile": BIG_TEXT_FILE, "textPiece": TEXT_PIECE}
+    h = hashlib.sha256(json.dumps({**params, **rule}, sort_keys=True, default=str).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
