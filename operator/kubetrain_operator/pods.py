@@ -118,14 +118,14 @@ def classify(pod: ObservedPod) -> Outcome:
         return Outcome("Deleted", True, f"{pod.name} is being deleted (eviction, drain, node loss or kubectl "
                                         f"delete)")
     if code == EXIT_CONFIG:
-        return Outcome("ConfigError", False, f"{pod.name}: the trainer rejected its configuration (exit 2)"
+        return Outcome("ConfigError", False, f"{pod.name}: the trainer rejected its configuration (exit {code})"
                                              f"{detail}")
     if code == EXIT_NON_FINITE:
-        return Outcome("NonFiniteLoss", False, f"{pod.name}: the loss or gradients became NaN/inf (exit 3)"
+        return Outcome("NonFiniteLoss", False, f"{pod.name}: the loss or gradients became NaN/inf (exit {code})"
                                                f"{detail}")
     if code == EXIT_PREEMPTED:
         return Outcome("Preempted", True, f"{pod.name} was stopped (SIGTERM) after committing a checkpoint "
-                                          f"(exit 143)")
+                                          f"(exit {code})")
     if pod.container_reason == "OOMKilled":
         return Outcome("OOMKilled", True, f"{pod.name} ran out of memory (OOMKilled, exit {code})")
     if pod.pod_reason:  # Evicted, NodeLost, Shutdown, UnexpectedAdmissionError...

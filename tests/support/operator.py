@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.client import ApiError, Kube, ns_path
+from kubetrain_api.exit_codes import EXIT_PREEMPTED
 from kubetrain_operator.bookkeeping import apply_merge_patch
 from kubetrain_operator.planner import JobView, Plan, PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
@@ -121,7 +122,6 @@ PLAYED_NODE = "kubetrain-played-node"
 PLAYED_TAINT = "kubetrain.io/played-kubelet"
 POD_IP = "127.0.0.1"  # every pod's IP as the played kubelet reports it: tests serve /progress there
 CONTAINER = "trainer"
-EXIT_SIGTERM = 143  # the trainer's exit after SIGTERM, once it has committed a checkpoint
 log = logging.getLogger(__name__)
 
 
@@ -281,7 +281,7 @@ class PlayedKubelet:
         self.finished.append(meta["name"])  # before the pod is gone: whoever sees it gone sees this
         try:
             if pod.get("status", {}).get("phase") == "Running":
-                self._write(pod, self._exited(pod, EXIT_SIGTERM, "", None))
+                self._write(pod, self._exited(pod, EXIT_PREEMPTED, "", None))
             self.kube.delete(self.path(meta["name"]), {"gracePeriodSeconds": 0,
                                                       "preconditions": {"uid": meta["uid"]}})
         except ApiError as exc:
