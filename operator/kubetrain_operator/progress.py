@@ -23,7 +23,7 @@ def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
     step = as_count(data.get("step"), floats=True)
     new: dict[str, Any] = {"step": step, "maxSteps": as_count(data.get("maxSteps"), floats=True)}
     for key in PROGRESS_NUMBERS:
-        new[key] = as_number(data.get(key))
+        new[key] = readable(key, as_number(data.get(key)))
     phase = data.get("phase")
     new["phase"] = phase[:64] if isinstance(phase, str) else None
     updated = parse_time(data.get("updatedAt"))
@@ -44,6 +44,16 @@ def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
         if changed:
             patch["checkpoint"] = changed
     return patch
+
+
+def readable(key: str, value: float | None) -> float | int | None:
+    """What a person reads in `kubectl get ltj` and in status: losses and MFU to 4 significant digits, rates
+    and seconds as whole numbers (the trainer reports them at full float precision)."""
+    if value is None:
+        return None
+    if key in ("tokensPerSecond", "etaSeconds"):
+        return round(value)
+    return float(f"{value:.4g}")
 
 
 async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetrain_operator.progress import progress_patch
+from kubetrain_operator.progress import progress_patch, readable
 
 
 def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
@@ -15,3 +15,12 @@ def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
     moved = progress_patch(status, {**data, "step": 6}, 400.0)
     assert moved["progress"]["step"] == 6 and moved["progress"]["stepTime"] == "1970-01-01T00:06:40.000Z"
     assert progress_patch({}, {"step": "x"}, 1.0) == {} and progress_patch({}, ["nope"], 1.0) == {}
+
+
+def test_status_shows_numbers_a_person_can_read() -> None:
+    data = {"step": 7, "maxSteps": 10, "loss": 8.596933841705322, "evalLoss": 0.000123456, "mfu": 0.41234567,
+            "tokensPerSecond": 2005.8081858554121, "etaSeconds": 12.5001}
+    progress = progress_patch({}, data, 1.0)["progress"]
+    assert (progress["loss"], progress["evalLoss"], progress["mfu"]) == (8.597, 0.0001235, 0.4123)
+    assert (progress["tokensPerSecond"], progress["etaSeconds"]) == (2006, 13)
+    assert isinstance(progress["tokensPerSecond"], int) and readable("loss", None) is None
