@@ -8,15 +8,18 @@ Four processes meet here and nowhere else:
 - **`kubetrain run`** starts torchrun with `trainer_argv` and follows `events.jsonl` for its progress bar;
 - the **pod entrypoint** (`python -m kubetrain_trainer.entrypoint --output DIR -- torchrun ...`, the
   worker container's command) runs torchrun, forwards SIGTERM, and exits with what `pod_outcome` says,
-  writing the message to the termination log;
+  writing the message and the final report (`final_report`) to the termination log;
 - the **operator** renders `entrypoint_argv(...)` as the worker's command, reads `/progress` of worker 0
-  into status.progress and classifies a failed pod by its exit code and termination message.
+  into status.progress, the final report of an ended worker 0 too (the last step, evaluation and
+  checkpoint, which no poll of /progress may have seen), and classifies a failed pod by its exit code and
+  termination message.
 
 Standard library only.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypedDict
 
 from .exit_codes import EXIT_PREEMPTED
@@ -64,7 +67,7 @@ TrainerPhase = Literal["starting", "training", "exporting", "done"]
 class ProgressCheckpoint(TypedDict):
     step: int
     uri: str
-    time: str  # RFC 3339
+    time: float  # unix seconds
 
 
 class Progress(TypedDict, total=False):
@@ -106,3 +109,50 @@ def pod_outcome(last: dict[str, Any] | None, torchrun_code: int, terminated: boo
     if terminated:  # SIGTERM reached us (deletion, preemption) and the trainer did not say more
         return EXIT_PREEMPTED, "terminated by SIGTERM"
     return (torchrun_code if 0 < torchrun_code < 256 else 1), None
+
+
+# --- the termination message: the final report, then the message for people -------------------------------
+REPORT_PREFIX = "kubetrain-report: "  # first line; the kubelet keeps the first 4096 bytes, so it goes first
+
+
+def final_report(events: list[dict[str, Any]], succeeded: bool) -> Progress:
+    """What rank 0's events since torchrun started say of the run's end, as /progress would have: the last
+    step and its loss, the last evaluation, the newest committed checkpoint (a SIGTERM one included)."""
+    report: Progress = {}
+    for event in events:
+        kind = event.get("type")
+        if kind == "step" and isinstance(event.get("step"), int):
+            report["step"], report["loss"] = event["step"], event.get("loss")
+        elif kind == "eval":
+            report["evalLoss"] = event.get("loss")
+        elif kind == "checkpoint" and isinstance(event.get("step"), int):
+            report["checkpoint"] = {"step": event["step"], "uri": str(event.get("path") or ""),
+                                    "time": float(event.get("time") or 0.0)}
+    if succeeded and report:
+        report["phase"] = "done"
+    last_time = events[-1].get("time") if events else None
+    if report and isinstance(last_time, (int, float)):
+        report["updatedAt"] = float(last_time)
+    return report
+
+
+def termination_message(message: str | None, report: Progress | dict[str, Any] | None) -> str | None:
+    lines = [REPORT_PREFIX + json.dumps(report, separators=(",", ":"))] if report else []
+    if message:
+        lines.append(message[:TERMINATION_MESSAGE_CHARS])
+    return "\n".join(lines) or None
+
+
+def parse_termination_message(text: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """(the message for people, the final report) of a termination message. Anyone's container may write
+    one: a report that is not a JSON object is treated as part of the message."""
+    if not text or not text.startswith(REPORT_PREFIX):
+        return text, None
+    first, _, rest = text.partition("\n")
+    try:
+        report = json.loads(first[len(REPORT_PREFIX):])
+    except ValueError:
+        return text, None
+    if not isinstance(report, dict):
+        return text, None
+    return rest or None, report

@@ -20,6 +20,7 @@ from .pods import ObservedPod
 from .policies import elastic, stall, suspend, time_limits, workers
 from .policies.completion import fail, finished, succeed
 from .policies.restart import count_incidents, permanent_failure
+from .progress import final_report_patch
 from .render import selector
 from .timeutil import iso_precise
 
@@ -137,6 +138,9 @@ def _finish(d: Draft) -> Plan:
     new = {k: v for k, v in new.items() if v is not None}
     old = {k: d.old_status[k] for k in OWNED if k in d.old_status}
     d.plan.status_patch = merge_patch(old, new)
+    p0 = d.pods.get(0)
+    if p0 is not None and p0.phase == "Succeeded":  # stays until the job is deleted: its report is read once
+        d.plan.status_patch.update(final_report_patch(d.old_status, p0.report, d.now))
     d.plan.phase = d.phase
     d.plan.requeue_after = min(d.requeue) if d.requeue else None
     return d.plan

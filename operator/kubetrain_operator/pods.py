@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from kubetrain_api.contract import parse_termination_message
 from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
 
 from .coerce import as_dict, as_int, as_list, as_str
@@ -31,6 +32,8 @@ class ObservedPod:
     ready: bool = False
     ip: str | None = None
     waiting: str | None = None  # why it is not running yet: unschedulable, image pull...
+    # The final report at the head of an ended container's termination message (kubetrain_api.contract).
+    report: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def alive(self) -> bool:
@@ -59,6 +62,7 @@ def observe_pod(body: Any) -> ObservedPod | None:
     # A real API server always sets a uid; without one, name + creation time still tell pods apart.
     uid = as_str(meta.get("uid")) or f"{name}@{meta.get('creationTimestamp') or ''}"
     exit_code = reason = message = waiting = None
+    report: dict[str, Any] | None = None
     for cs in as_list(status.get("containerStatuses")):
         if not isinstance(cs, dict) or cs.get("name") != CONTAINER:
             continue
@@ -66,7 +70,7 @@ def observe_pod(body: Any) -> ObservedPod | None:
         term = as_dict(state.get("terminated"))
         if term:
             exit_code, reason = as_int(term.get("exitCode")), as_str(term.get("reason"))
-            message = as_str(term.get("message"))
+            message, report = parse_termination_message(as_str(term.get("message")))
         wait = as_dict(state.get("waiting"))
         if wait and as_str(wait.get("reason")) not in (None, "ContainerCreating", "PodInitializing"):
             waiting = f"{wait.get('reason')}: {wait.get('message') or ''}".rstrip(": ")
@@ -90,7 +94,7 @@ def observe_pod(body: Any) -> ObservedPod | None:
         terminating=deletion is not None, deletion_time=deletion_time,
         exit_code=exit_code, container_reason=reason, termination_message=message,
         pod_reason=as_str(status.get("reason")), pod_message=as_str(status.get("message")),
-        ready=ready and phase == "Running", ip=as_str(status.get("podIP")), waiting=waiting,
+        ready=ready and phase == "Running", ip=as_str(status.get("podIP")), waiting=waiting, report=report,
     )
 
 

@@ -1,12 +1,10 @@
-"""Worker 0's `GET /progress` → status.progress and status.checkpoint (the parsing is pure)."""
+"""Worker 0's `GET /progress`, or its final report, → status.progress and status.checkpoint (pure; the GET
+itself is controller.fetch_progress)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Any
 
-import aiohttp
 from kubetrain_api.contract import PROGRESS_NUMBERS
 
 from .coerce import as_count, as_dict, as_number
@@ -46,6 +44,27 @@ def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
     return patch
 
 
+def final_report_patch(status: Any, report: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    """progress_patch for the final report of an ended worker 0 (the last step, evaluation and checkpoint,
+    which polling /progress may have missed), but only forward: a report older than what status shows
+    never moves the step or the checkpoint back."""
+    if not report:
+        return {}
+    old = as_dict(status)
+    old_step = as_count(as_dict(old.get("progress")).get("step"), floats=True)
+    step = as_count(report.get("step"), floats=True)
+    if step is None or (old_step is not None and step < old_step):
+        return {}
+    old_ckpt = as_count(as_dict(old.get("checkpoint")).get("step"), floats=True)
+    ckpt = as_count(as_dict(report.get("checkpoint")).get("step"), floats=True)
+    if ckpt is not None and old_ckpt is not None and ckpt < old_ckpt:
+        report = {k: v for k, v in report.items() if k != "checkpoint"}
+    # What the report does not say (maxSteps, the last throughput) stays as the last poll saw it.
+    kept = {k: v for k, v in as_dict(old.get("progress")).items() if k in ("maxSteps", "tokensPerSecond", "mfu")}
+    done = {"etaSeconds": 0} if report.get("phase") == "done" else {}
+    return progress_patch(old, {**kept, **done, **report}, now)
+
+
 def readable(key: str, value: float | None) -> float | int | None:
     """What a person reads in `kubectl get ltj` and in status: losses and MFU to 4 significant digits, rates
     and seconds as whole numbers (the trainer reports them at full float precision)."""
@@ -54,15 +73,3 @@ def readable(key: str, value: float | None) -> float | int | None:
     if key in ("tokensPerSecond", "etaSeconds"):
         return round(value)
     return float(f"{value:.4g}")
-
-
-async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:
-    """The JSON at `url`, or None when it does not answer 200 with a JSON object in time."""
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                return None
-            data = json.loads(await resp.read())
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -11,9 +11,13 @@ from kubetrain_api.contract import (
     EVENT_KINDS,
     EVENTS_FILE,
     PROGRESS_KEYS,
+    REPORT_PREFIX,
     TERMINATION_MESSAGE_CHARS,
     entrypoint_argv,
+    final_report,
+    parse_termination_message,
     pod_outcome,
+    termination_message,
     trainer_argv,
 )
 from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
@@ -75,3 +79,22 @@ def test_progress_holds_only_the_contracts_keys_and_the_operator_reads_it() -> N
     assert patch["progress"]["step"] == 7 and patch["progress"]["maxSteps"] == 100
     assert patch["progress"]["loss"] == 2.5 and patch["progress"]["phase"] == "training"
     assert patch["checkpoint"] == {"step": 5, "uri": "s3://b/p/step-5", "time": "2026-12-01T10:00:00Z"}
+
+
+def test_the_final_report_travels_in_the_termination_message_ahead_of_the_message() -> None:
+    events = [{"type": "start"}, {"type": "step", "step": 44, "loss": 2.5}, {"type": "eval", "loss": 2.75},
+              {"type": "step", "step": 45, "loss": 2.4},
+              {"type": "checkpoint", "step": 45, "path": "s3://b/job/step-000000045", "time": 1000.0},
+              {"type": "preempted", "step": 45}]
+    report = final_report(events, succeeded=False)
+    assert report == {"step": 45, "loss": 2.4, "evalLoss": 2.75,
+                      "checkpoint": {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0}}
+    assert set(report) <= PROGRESS_KEYS and final_report(events, succeeded=True)["phase"] == "done"
+    text = termination_message("preempted: checkpoint at step 45 committed", report)
+    assert text is not None and len(text.encode()) < 4096
+    assert parse_termination_message(text) == ("preempted: checkpoint at step 45 committed", report)
+    assert parse_termination_message(termination_message(None, report)) == (None, report)
+    assert final_report([{"type": "error", "message": "bad"}], succeeded=False) == {}
+    # Anything else is a message, whoever's container wrote it.
+    for other in ("plain text", f"{REPORT_PREFIX}not json\nmore", f"{REPORT_PREFIX}[1, 2]", None):
+        assert parse_termination_message(other) == (other, None)

@@ -169,6 +169,10 @@ def test_two_node_job_trains_to_succeeded_with_s3_checkpoints_and_an_export_that
     assert st["phase"] == "Succeeded", why()
     assert seen and 0 < min(seen) <= 16, f"progress while running: {seen}"  # status followed the live trainer
     assert st.get("restarts", 0) == 0
+    # The final report in worker 0's termination message brought status to the end, whatever the polls saw
+    final = st["progress"]
+    assert (final["step"], final.get("phase")) == (final["maxSteps"], "done"), st
+    assert final.get("evalLoss") is not None and st["checkpoint"]["step"] == final["step"], st
     # Both workers ran on local nodes with pod IPs of the bridge, as one torchrun group of two
     pods = {p["metadata"]["name"]: p for p in kube.list(f"/api/v1/namespaces/{ns}/pods")}
     assert all(p["spec"].get("nodeName", "").startswith("node-") for p in pods.values())

@@ -117,3 +117,18 @@ def test_any_history_keeps_the_invariants(script: list[tuple[Any, ...]], max_res
         JobStatus.model_validate(copy.deepcopy({k: v for k, v in sim.status.items() if k != "progress"}))
     counted = sum(1 for q in sim.plans for r in q.restarts if r not in ("BelowMinNodes", "Stalled"))
     assert counted <= injected
+
+
+def test_worker_0s_final_report_brings_progress_and_checkpoint_to_the_end(started: Callable[..., Sim]) -> None:
+    sim = started(training={"maxSteps": 120})
+    sim.status["progress"], sim.status["checkpoint"] = {"step": 115, "maxSteps": 120}, {"step": 90}
+    report = {"step": 120, "loss": 2.3456789, "evalLoss": 2.5, "phase": "done",
+              "checkpoint": {"step": 120, "uri": "s3://b/job/step-000000120", "time": 1000.0}}
+    sim.set(0, "Succeeded", exit_code=0, report=report)
+    sim.step(1)
+    assert sim.phase == "Succeeded"
+    progress = sim.status["progress"]
+    assert (progress["step"], progress["maxSteps"], progress["loss"], progress["evalLoss"], progress["phase"]) == (
+        120, 120, 2.346, 2.5, "done")
+    assert sim.status["checkpoint"] == {"step": 120, "uri": "s3://b/job/step-000000120",
+                                        "time": "1970-01-01T00:16:40Z"}

@@ -28,6 +28,17 @@ def test_observe_pod_reads_what_kubelet_writes() -> None:
     assert waiting is not None and waiting.waiting == "Unschedulable: 0/3 nodes"
 
 
+def test_the_final_report_is_read_apart_from_the_message_for_people() -> None:
+    message = 'kubetrain-report: {"step":45,"checkpoint":{"step":45,"uri":"s3://b/45","time":1.0}}\npreempted'
+    body = {"metadata": {"name": "j-worker-0", "uid": "u", "labels": {"kubetrain.io/replica-index": "0"}},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": 1, "message": message}}}]}}
+    p = observe_pod(body)
+    assert p is not None and p.termination_message == "preempted"
+    assert p.report == {"step": 45, "checkpoint": {"step": 45, "uri": "s3://b/45", "time": 1.0}}
+    assert classify(p).message == "j-worker-0 exited 1: preempted"
+
+
 @settings(max_examples=200, deadline=None)
 @given(body=st.recursive(st.none() | st.integers() | st.text(max_size=6),
                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(

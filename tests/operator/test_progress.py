@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetrain_operator.progress import progress_patch, readable
+from kubetrain_operator.progress import final_report_patch, progress_patch, readable
 
 
 def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
@@ -24,3 +24,13 @@ def test_status_shows_numbers_a_person_can_read() -> None:
     assert (progress["loss"], progress["evalLoss"], progress["mfu"]) == (8.597, 0.0001235, 0.4123)
     assert (progress["tokensPerSecond"], progress["etaSeconds"]) == (2006, 13)
     assert isinstance(progress["tokensPerSecond"], int) and readable("loss", None) is None
+
+
+def test_a_final_report_only_moves_forward() -> None:
+    status = {"progress": {"step": 60, "loss": 2.0}, "checkpoint": {"step": 60, "uri": "s3://b/60"}}
+    older = {"step": 45, "loss": 3.0, "checkpoint": {"step": 45, "uri": "s3://b/45", "time": 5.0}}
+    assert final_report_patch(status, older, 1.0) == {}  # an earlier run's worker 0: nothing goes back
+    stale_checkpoint = {"step": 61, "loss": 1.9, "checkpoint": {"step": 45, "uri": "s3://b/45", "time": 5.0}}
+    patch = final_report_patch(status, stale_checkpoint, 1.0)
+    assert patch["progress"]["step"] == 61 and "checkpoint" not in patch
+    assert final_report_patch(status, None, 1.0) == {} and final_report_patch({}, {"step": "x"}, 1.0) == {}

@@ -3,7 +3,8 @@
 torchrun exits 1 whatever its workers returned, so the operator could not tell a configuration error
 (exit 2, never retried) from a crash. The trainer records its error and exit code in
 `<output>/events.jsonl` (on the node of global rank 0); this wrapper reads it, exits with that code
-and writes the message to /dev/termination-log, where the operator reads it into the job's status.
+and writes the message to /dev/termination-log, where the operator reads it into the job's status, after
+a first line with the run's final report (its last step, evaluation and checkpoint).
 
     python -m kubetrain_trainer.entrypoint --output DIR -- torchrun ... -m kubetrain_trainer.train ...
 
@@ -22,12 +23,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubetrain_api.contract import ENTRYPOINT_MODULE, EVENTS_FILE, FINAL_EVENT_KINDS, TERMINATION_LOG, pod_outcome
+from kubetrain_api.contract import (
+    ENTRYPOINT_MODULE,
+    EVENTS_FILE,
+    FINAL_EVENT_KINDS,
+    TERMINATION_LOG,
+    final_report,
+    pod_outcome,
+    termination_message,
+)
 
 
-def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: bool) -> tuple[int, str | None]:
-    """The exit code and message to report, from the trainer's events written since `offset`."""
-    last: dict[str, Any] | None = None
+def run_events(events: Path, offset: int) -> list[dict[str, Any]]:
+    """The trainer's events written since `offset` (this run's); unreadable lines are skipped."""
+    found: list[dict[str, Any]] = []
     try:
         with events.open("rb") as f:
             f.seek(offset)
@@ -36,11 +45,17 @@ def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: b
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(event, dict) and event.get("type") in FINAL_EVENT_KINDS:
-                    last = event
+                if isinstance(event, dict):
+                    found.append(event)
     except OSError:
-        last = None
-    return pod_outcome(last, torchrun_code, terminated)
+        pass
+    return found
+
+
+def trainer_outcome(events: Path, offset: int, torchrun_code: int, terminated: bool) -> tuple[int, str | None]:
+    """The exit code and message to report, from the trainer's events written since `offset`."""
+    final = [e for e in run_events(events, offset) if e.get("type") in FINAL_EVENT_KINDS]
+    return pod_outcome(final[-1] if final else None, torchrun_code, terminated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, forward)
     code = proc.wait()
     final, message = trainer_outcome(events, offset, code, terminated)
-    if message:
+    text = termination_message(message, final_report(run_events(events, offset), final == 0))
+    if text:
         with contextlib.suppress(OSError):  # not in a pod
-            Path(args.termination_log).write_text(message)
+            Path(args.termination_log).write_text(text)
+    if message:
         print(f"kubetrain: {message}", file=sys.stderr, flush=True)
     return final
 
