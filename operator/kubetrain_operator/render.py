@@ -110,11 +110,16 @@ def grace_seconds(spec: JobSpec) -> int:
 
 
 def torchrun_args(job: JobRef, spec: JobSpec) -> list[str]:
-    low, high = spec.workers.elastic_range
+    """One torchrun round per pod, of exactly the job's current size: `--max-restarts=0`, because the
+    operator, not torchrun, restarts a failed group and re-forms it at a new size (policies/restart.py,
+    policies/workers.py). torchrun's second round in the same agent was unreliable (gloo dialled ports of the
+    previous round, or hung in init_process_group: issue 12), and a restart torchrun makes is one the
+    operator can neither count nor stop after a configuration error."""
+    nodes = spec.workers.nodes
     return [
-        "torchrun", f"--nnodes={low}:{high}", f"--nproc-per-node={spec.workers.proc_per_node}",
+        "torchrun", f"--nnodes={nodes}:{nodes}", f"--nproc-per-node={spec.workers.proc_per_node}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint(job)}", f"--rdzv-id={job.uid}",
-        f"--max-restarts={spec.run_policy.max_restarts}",
+        "--max-restarts=0",
         *trainer_argv(f"{CONFIG_DIR}/{CONFIG_FILE}", OUTPUT_DIR),
     ]
 
