@@ -52,7 +52,8 @@ TERMINATION_MESSAGE_CHARS = 3500  # the kubelet keeps 4096 bytes; leave room for
 EventKind = Literal["start", "step", "eval", "checkpoint", "checkpoint_failed", "preempted", "error", "done"]
 EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
 # Fields: step {step, loss, lr, gradNorm, tokensPerSecond, mfu, seconds, dataWait, eta}; eval {step, loss,
-# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path}; checkpoint_failed {step, error};
+# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path, checkpoints (the catalogue after
+# it)}; checkpoint_failed {step, error};
 # preempted {step (the committed one), uncommittedStep?}; error {message, exitCode}; done (results.json).
 
 
@@ -71,24 +72,37 @@ class ProgressCheckpoint(TypedDict):
 
 
 class Progress(TypedDict, total=False):
-    """The JSON object rank 0 serves; the operator copies it into status.progress and status.checkpoint."""
+    """The JSON object rank 0 serves; the operator copies it into status.progress, status.checkpoint and
+    status.checkpoints."""
 
     step: int
     maxSteps: int
     loss: float | None
     evalLoss: float | None
+    evalPerplexity: float | None
     tokensPerSecond: float | None
     mfu: float | None
     etaSeconds: float | None
     phase: TrainerPhase
     updatedAt: float  # unix seconds
     checkpoint: ProgressCheckpoint | None
+    checkpoints: list[ProgressCheckpoint]  # the catalogue: committed ones retention keeps, oldest first
     checkpointFailures: int
     lastCheckpointError: str
 
 
 PROGRESS_KEYS: frozenset[str] = frozenset(Progress.__annotations__)
-PROGRESS_NUMBERS = ("loss", "evalLoss", "tokensPerSecond", "mfu", "etaSeconds")  # floats, or null
+PROGRESS_NUMBERS = ("loss", "evalLoss", "evalPerplexity", "tokensPerSecond", "mfu", "etaSeconds")  # or null
+# The catalogue is short whatever checkpoint.keep says: it travels in the termination message and in status.
+CHECKPOINT_CATALOGUE_MAX = 5
+
+
+def checkpoint_catalogue(entries: list[ProgressCheckpoint], keep: int) -> list[ProgressCheckpoint]:
+    """The committed checkpoints to list, oldest first: the newest `keep` (the ones retention leaves), at
+    most CHECKPOINT_CATALOGUE_MAX, one per step (a later entry for a step replaces an earlier one)."""
+    by_step = {entry["step"]: entry for entry in entries}
+    newest = sorted(by_step)[-max(1, min(keep, CHECKPOINT_CATALOGUE_MAX)):]
+    return [by_step[step] for step in newest]
 
 
 # --- the pod entrypoint's rule ----------------------------------------------------------------------------
@@ -113,26 +127,42 @@ def pod_outcome(last: dict[str, Any] | None, torchrun_code: int, terminated: boo
 
 # --- the termination message: the final report, then the message for people -------------------------------
 REPORT_PREFIX = "kubetrain-report: "  # first line; the kubelet keeps the first 4096 bytes, so it goes first
+# The report line's budget: well inside TERMINATION_MESSAGE_CHARS, leaving the rest to the message for people.
+REPORT_MAX_CHARS = 1500
 
 
 def final_report(events: list[dict[str, Any]], succeeded: bool) -> Progress:
     """What rank 0's events since torchrun started say of the run's end, as /progress would have: the last
-    step and its loss, the last evaluation, the newest committed checkpoint (a SIGTERM one included)."""
+    step and its loss, the last evaluation, the newest committed checkpoint (a SIGTERM one included) and the
+    catalogue the last commit left, cut to REPORT_MAX_CHARS."""
     report: Progress = {}
     for event in events:
         kind = event.get("type")
         if kind == "step" and isinstance(event.get("step"), int):
             report["step"], report["loss"] = event["step"], event.get("loss")
         elif kind == "eval":
-            report["evalLoss"] = event.get("loss")
+            report["evalLoss"], report["evalPerplexity"] = event.get("loss"), event.get("perplexity")
         elif kind == "checkpoint" and isinstance(event.get("step"), int):
             report["checkpoint"] = {"step": event["step"], "uri": str(event.get("path") or ""),
                                     "time": float(event.get("time") or 0.0)}
+            if isinstance(event.get("checkpoints"), list):
+                report["checkpoints"] = event["checkpoints"]
     if succeeded and report:
         report["phase"] = "done"
     last_time = events[-1].get("time") if events else None
     if report and isinstance(last_time, (int, float)):
         report["updatedAt"] = float(last_time)
+    return within_budget(report)
+
+
+def within_budget(report: Progress) -> Progress:
+    """The report with the oldest catalogue entries dropped until its line fits REPORT_MAX_CHARS (long URIs),
+    then without the catalogue; the rest is a few hundred characters."""
+    report = report.copy()
+    while len(json.dumps(report, separators=(",", ":"))) > REPORT_MAX_CHARS and report.get("checkpoints"):
+        report["checkpoints"] = report["checkpoints"][1:]
+    if "checkpoints" in report and not report["checkpoints"]:
+        del report["checkpoints"]
     return report
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 from kubetrain_api.contract import (
+    CHECKPOINT_CATALOGUE_MAX,
     EVENT_KINDS,
     EVENTS_FILE,
     PROGRESS_KEYS,
+    REPORT_MAX_CHARS,
     REPORT_PREFIX,
     TERMINATION_MESSAGE_CHARS,
+    checkpoint_catalogue,
     entrypoint_argv,
     final_report,
     parse_termination_message,
@@ -69,8 +72,9 @@ def test_the_trainer_writes_only_the_contracts_event_kinds(tmp_path: Path) -> No
 
 def test_progress_holds_only_the_contracts_keys_and_the_operator_reads_it() -> None:
     progress = ProgressState(max_steps=100)
-    progress.update(step=7, loss=2.5, phase="training", checkpoint={"step": 5, "uri": "s3://b/p/step-5",
-                                                                    "time": "2026-12-01T10:00:00Z"})
+    checkpoint = {"step": 5, "uri": "s3://b/p/step-5", "time": "2026-12-01T10:00:00Z"}
+    progress.update(step=7, loss=2.5, phase="training", evalPerplexity=12.3456, checkpoint=checkpoint,
+                    checkpoints=[checkpoint])
     with pytest.raises(ValueError, match="evalLos"):
         progress.update(evalLos=1.0)
     snapshot = progress.snapshot()
@@ -79,16 +83,22 @@ def test_progress_holds_only_the_contracts_keys_and_the_operator_reads_it() -> N
     assert patch["progress"]["step"] == 7 and patch["progress"]["maxSteps"] == 100
     assert patch["progress"]["loss"] == 2.5 and patch["progress"]["phase"] == "training"
     assert patch["checkpoint"] == {"step": 5, "uri": "s3://b/p/step-5", "time": "2026-12-01T10:00:00Z"}
+    assert patch["checkpoints"] == [patch["checkpoint"]] and patch["progress"]["evalPerplexity"] == 12.35
 
 
 def test_the_final_report_travels_in_the_termination_message_ahead_of_the_message() -> None:
-    events = [{"type": "start"}, {"type": "step", "step": 44, "loss": 2.5}, {"type": "eval", "loss": 2.75},
+    listed = [{"step": 30, "uri": "s3://b/job/step-000000030", "time": 900.0},
+              {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0}]
+    events = [{"type": "start"}, {"type": "step", "step": 44, "loss": 2.5},
+              {"type": "eval", "loss": 2.75, "perplexity": 15.64},
               {"type": "step", "step": 45, "loss": 2.4},
-              {"type": "checkpoint", "step": 45, "path": "s3://b/job/step-000000045", "time": 1000.0},
+              {"type": "checkpoint", "step": 45, "path": "s3://b/job/step-000000045", "time": 1000.0,
+               "checkpoints": listed},
               {"type": "preempted", "step": 45}]
     report = final_report(events, succeeded=False)
-    assert report == {"step": 45, "loss": 2.4, "evalLoss": 2.75,
-                      "checkpoint": {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0}}
+    assert report == {"step": 45, "loss": 2.4, "evalLoss": 2.75, "evalPerplexity": 15.64,
+                      "checkpoint": {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0},
+                      "checkpoints": listed}
     assert set(report) <= PROGRESS_KEYS and final_report(events, succeeded=True)["phase"] == "done"
     text = termination_message("preempted: checkpoint at step 45 committed", report)
     assert text is not None and len(text.encode()) < 4096
@@ -98,3 +108,28 @@ def test_the_final_report_travels_in_the_termination_message_ahead_of_the_messag
     # Anything else is a message, whoever's container wrote it.
     for other in ("plain text", f"{REPORT_PREFIX}not json\nmore", f"{REPORT_PREFIX}[1, 2]", None):
         assert parse_termination_message(other) == (other, None)
+
+
+def test_the_catalogue_lists_the_newest_keep_committed_checkpoints_and_stays_short() -> None:
+    entries = [{"step": s, "uri": f"s3://b/job/step-{s:09d}", "time": float(s)} for s in (40, 10, 30, 20)]
+    assert [e["step"] for e in checkpoint_catalogue(entries, keep=3)] == [20, 30, 40]  # oldest first
+    again = {"step": 40, "uri": "s3://b/job/step-000000040", "time": 41.0}  # the same step, later: it wins
+    assert checkpoint_catalogue([*entries, again], keep=1) == [again]
+    many = [{"step": s, "uri": "u", "time": 0.0} for s in range(20)]
+    assert [e["step"] for e in checkpoint_catalogue(many, keep=100)] == list(range(20 - CHECKPOINT_CATALOGUE_MAX, 20))
+
+
+def test_a_report_with_long_uris_drops_the_oldest_listed_checkpoints_to_fit_its_budget() -> None:
+    uri = "s3://bucket/" + "p" * 400 + "/step-"
+    listed = [{"step": s, "uri": f"{uri}{s:09d}", "time": float(s)} for s in range(1, 6)]
+    events = [{"type": "step", "step": 5, "loss": 1.0, "time": 9.0},
+              {"type": "checkpoint", "step": 5, "path": f"{uri}000000005", "time": 9.0, "checkpoints": listed}]
+    report = final_report(events, succeeded=False)
+    line = termination_message(None, report)
+    assert line is not None and len(line) <= len(REPORT_PREFIX) + REPORT_MAX_CHARS < TERMINATION_MESSAGE_CHARS
+    assert 0 < len(report["checkpoints"]) < 5 and report["checkpoints"] == listed[-len(report["checkpoints"]):]
+    assert report["checkpoint"]["step"] == 5  # the newest checkpoint itself always stays
+    text = termination_message("x" * TERMINATION_MESSAGE_CHARS, report)
+    assert text is not None
+    kept = text.encode()[:4096].decode(errors="ignore")  # what the kubelet keeps of a longer message
+    assert parse_termination_message(kept)[1] == report

@@ -1,8 +1,21 @@
-"""progress.py: the trainer's /progress (served by global rank 0) → the job's status.progress patch."""
+"""progress.py: the trainer's /progress (served by global rank 0) and worker 0's final report → the job's
+status.progress, status.checkpoint and status.checkpoints patch; which ended worker 0's report the controller
+keeps for a reconcile that no longer sees the pod."""
 
 from __future__ import annotations
 
-from kubetrain_operator.progress import final_report_patch, progress_patch, readable
+from dataclasses import replace
+
+from kubetrain_api.contract import CHECKPOINT_CATALOGUE_MAX
+from kubetrain_operator.pods import ObservedPod
+from kubetrain_operator.progress import (
+    catalogue,
+    final_report_patch,
+    gone_report_patch,
+    progress_patch,
+    readable,
+    report_to_keep,
+)
 
 
 def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
@@ -19,9 +32,10 @@ def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
 
 def test_status_shows_numbers_a_person_can_read() -> None:
     data = {"step": 7, "maxSteps": 10, "loss": 8.596933841705322, "evalLoss": 0.000123456, "mfu": 0.41234567,
-            "tokensPerSecond": 2005.8081858554121, "etaSeconds": 12.5001}
+            "evalPerplexity": 1.0001234567, "tokensPerSecond": 2005.8081858554121, "etaSeconds": 12.5001}
     progress = progress_patch({}, data, 1.0)["progress"]
     assert (progress["loss"], progress["evalLoss"], progress["mfu"]) == (8.597, 0.0001235, 0.4123)
+    assert progress["evalPerplexity"] == 1.0
     assert (progress["tokensPerSecond"], progress["etaSeconds"]) == (2006, 13)
     assert isinstance(progress["tokensPerSecond"], int) and readable("loss", None) is None
 
@@ -34,3 +48,49 @@ def test_a_final_report_only_moves_forward() -> None:
     patch = final_report_patch(status, stale_checkpoint, 1.0)
     assert patch["progress"]["step"] == 61 and "checkpoint" not in patch
     assert final_report_patch(status, None, 1.0) == {} and final_report_patch({}, {"step": "x"}, 1.0) == {}
+
+
+def entry(step: int) -> dict[str, object]:
+    return {"step": step, "uri": f"s3://b/job/step-{step:09d}", "time": 1000.0 + step}
+
+
+def test_the_catalogue_is_copied_oldest_first_one_per_step_short_and_only_when_the_trainer_sends_one() -> None:
+    sent = [entry(20), "junk", {"step": -1}, entry(10), {**entry(20), "time": 5000.0}, {"step": 30}]
+    assert catalogue(sent) == [{"step": 10, "uri": "s3://b/job/step-000000010", "time": "1970-01-01T00:16:50Z"},
+                               {"step": 20, "uri": "s3://b/job/step-000000020", "time": "1970-01-01T01:23:20Z"},
+                               {"step": 30}]
+    assert [e["step"] for e in catalogue([entry(s) for s in range(50)]) or []] == list(
+        range(50 - CHECKPOINT_CATALOGUE_MAX, 50))
+    listed = progress_patch({}, {"step": 20, "checkpoints": [entry(10), entry(20)]}, 1.0)["checkpoints"]
+    status = {"checkpoints": listed}
+    assert "checkpoints" not in progress_patch(status, {"step": 21, "checkpoints": [entry(10), entry(20)]}, 2.0)
+    # A trainer still starting (or an older one) sends none, or an empty list: status keeps what it lists.
+    for data in ({"step": 0, "checkpoints": []}, {"step": 0}, {"step": 0, "checkpoints": {"step": 1}}):
+        assert "checkpoints" not in progress_patch(status, data, 3.0)
+
+
+def test_a_sigterm_report_moves_checkpoint_and_catalogue_forward_and_keeps_what_it_does_not_say() -> None:
+    status = {"progress": {"step": 40, "maxSteps": 100, "evalLoss": 2.5, "evalPerplexity": 12.18, "phase": "training"},
+              "checkpoint": {"step": 30}, "checkpoints": [{"step": 30}]}
+    report = {"step": 45, "loss": 2.4, "checkpoint": entry(45), "checkpoints": [entry(30), entry(45)],
+              "updatedAt": 1045.0}
+    patch = final_report_patch(status, report, 1.0)
+    assert patch["progress"]["step"] == 45 and patch["checkpoint"]["step"] == 45
+    assert [e["step"] for e in patch["checkpoints"]] == [30, 45]
+    assert not {"evalLoss", "evalPerplexity", "phase", "maxSteps"} & set(patch["progress"])  # not erased
+    newer = {**status, "checkpoint": {"step": 50}, "checkpoints": [{"step": 50}]}
+    stale = final_report_patch(newer, report, 1.0)  # the report's checkpoints are older than status lists
+    assert stale["progress"]["step"] == 45 and "checkpoint" not in stale and "checkpoints" not in stale
+
+
+def test_the_report_of_an_ended_worker_0_is_kept_until_a_reconcile_that_no_longer_sees_the_pod_applies_it() -> None:
+    report = {"step": 45, "checkpoint": entry(45), "checkpoints": [entry(45)]}
+    ended = ObservedPod(name="job-worker-0", index=0, uid="u0", phase="Failed", exit_code=143, report=report)
+    assert report_to_keep(ended, "job") is ended
+    for other in (None, replace(ended, report=None), replace(ended, index=1, name="job-worker-1"),
+                  replace(ended, name="other-worker-0")):
+        assert report_to_keep(other, "job") is None
+    status = {"progress": {"step": 40}, "checkpoint": {"step": 30}}
+    assert gone_report_patch(status, ended, [], 1.0)["checkpoint"]["step"] == 45
+    assert gone_report_patch(status, ended, [ended], 1.0) == {}  # still observed: the planner reads it
+    assert gone_report_patch(status, None, [], 1.0) == {}

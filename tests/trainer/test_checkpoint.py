@@ -104,6 +104,28 @@ def test_a_retention_failure_never_fails_or_loses_a_committed_save(tmp_path: Pat
     assert manager.committed_steps() == [3] and manager.latest() == 3 and not old.exists()
 
 
+def test_the_catalogue_lists_what_retention_keeps_with_each_commits_time(tmp_path: Path, world_of_one: None) -> None:
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    results: list = []
+    store = LocalStore(tmp_path)
+    manager = CheckpointManager(store, keep=2, rank=0, fingerprints={"model": "m"}, on_result=results.append)
+    for step in (1, 2, 3):
+        manager.save(step, model, optimizer, {"step": step}, asynchronous=False)
+    assert [e["step"] for e in manager.catalogue] == manager.committed_steps() == [2, 3]
+    times = [json.loads((tmp_path / f"step-{s:09d}" / MARKER).read_text())["time"] for s in (2, 3)]
+    assert manager.catalogue == [{"step": s, "uri": store.child_uri(f"step-{s:09d}"), "time": t}
+                                 for s, t in zip((2, 3), times, strict=True)]
+    assert results[-1].committed_at == times[-1]
+    restarted = CheckpointManager(store, keep=2, rank=0, fingerprints={"model": "m"})
+    restarted.load_catalogue(3)  # a new run reads the same catalogue back from storage
+    assert restarted.catalogue == manager.catalogue
+    restarted.load_catalogue(2)  # resumed from 2 (3 was damaged): 3 is not listed
+    assert [e["step"] for e in restarted.catalogue] == [2]
+    restarted.load_catalogue(None)
+    assert restarted.catalogue == []
+
+
 # -- on S3 ----------------------------------------------------------------------------------------------
 
 

@@ -34,11 +34,12 @@ def test_entrypoint_runs_the_command_and_writes_the_termination_message(tmp_path
 
 def test_on_success_the_termination_message_holds_the_final_report(tmp_path: Path) -> None:
     script = ("import json,sys; f=open(sys.argv[1],'a')\n"
-              "for e in ({'type':'step','step':12,'loss':2.5,'time':5.0},{'type':'eval','loss':2.75,'time':6.0}):\n"
+              "for e in ({'type':'step','step':12,'loss':2.5,'time':5.0},\n"
+              "          {'type':'eval','loss':2.75,'perplexity':15.6,'time':6.0}):\n"
               "    f.write(json.dumps(e)+'\\n')\n")
     log = tmp_path / "termination-log"
     code = entrypoint.main(["--output", str(tmp_path), "--termination-log", str(log), "--",
                             sys.executable, "-c", script, str(tmp_path / "events.jsonl")])
     assert code == 0
     assert parse_termination_message(log.read_text()) == (
-        None, {"step": 12, "loss": 2.5, "evalLoss": 2.75, "phase": "done", "updatedAt": 6.0})
+        None, {"step": 12, "loss": 2.5, "evalLoss": 2.75, "evalPerplexity": 15.6, "phase": "done", "updatedAt": 6.0})

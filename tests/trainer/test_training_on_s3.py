@@ -196,6 +196,9 @@ def test_run_from_s3_data_to_s3_checkpoints_with_preemption_export_and_no_leaked
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     progress = urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=5).read().decode()
     assert "kubetrain_checkpoint_blocked_seconds_count" in scraped and json.loads(progress)["checkpoint"]
+    listed = json.loads(progress)["checkpoints"]  # the catalogue: what retention (keep 2) leaves, oldest first
+    assert 1 <= len(listed) <= 2 and listed[-1] == json.loads(progress)["checkpoint"]
+    assert all(c["uri"] == f"s3://{bucket}/job/step-{c['step']:09d}" for c in listed), listed
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stdout + stderr

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from kubetrain_api.config import S3Spec, TrainerConfig
+from kubetrain_api.contract import ProgressCheckpoint, checkpoint_catalogue
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -78,6 +79,7 @@ class SaveResult:
     total_seconds: float = 0.0
     bytes_written: int = 0
     error: str | None = None
+    committed_at: float | None = None  # the commit's time (unix seconds), on rank 0
 
 
 @dataclass
@@ -99,6 +101,8 @@ class CheckpointManager:
         self.process_group = process_group
         self.on_result = on_result
         self.consecutive_failures = 0
+        # Rank 0's catalogue of the committed checkpoints retention keeps (/progress, the final report).
+        self.catalogue: list[ProgressCheckpoint] = []
         self._inflight: _InFlight | None = None
         self._writer: Any = None
         self._preparing: threading.Thread | None = None
@@ -125,6 +129,19 @@ class CheckpointManager:
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 log.warning("checkpoint %s has an unreadable manifest (%s); skipping it", step, exc)
         return None
+
+    def load_catalogue(self, resumed: int | None) -> None:
+        """Rank 0 at start: the catalogue as storage holds it, up to the step resumed from (a newer one was
+        skipped as damaged); the times from the manifests (one GET per listed checkpoint)."""
+        entries: list[ProgressCheckpoint] = []
+        steps = [s for s in self.committed_steps() if resumed is not None and s <= resumed]
+        for step in steps[-self.keep:]:
+            try:
+                when = float(json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))["time"])
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # an unreadable (or pre-catalogue) manifest: not listed
+            entries.append({"step": step, "uri": self.store.child_uri(step_dir_name(step)), "time": when})
+        self.catalogue = checkpoint_catalogue(entries, self.keep)
 
     def _mismatch(self, step: int, marker: dict[str, Any], objects: dict[str, int]) -> str | None:
         """Why the stored objects differ from the manifest (missing, resized, changed), or None."""
@@ -235,12 +252,17 @@ class CheckpointManager:
         try:
             writer.fs.bytes_written = 0
             future.result()
+            committed_at = None
             if self.rank == 0:  # DCP returns on rank 0 only after every rank's write succeeded
                 self.store.put(f"{key}/{STATE}", payload.encode())
-                self._commit(step, key)
-            result = SaveResult(step, True, inflight.blocked, time.perf_counter() - inflight.started, written)
+                committed_at = self._commit(step, key)
+            result = SaveResult(step, True, inflight.blocked, time.perf_counter() - inflight.started, written,
+                                committed_at=committed_at)
             if self.rank == 0:
                 self._retain_quietly()  # after the commit is timed and can no longer be undone
+                entry: ProgressCheckpoint = {"step": step, "uri": self.store.child_uri(step_dir_name(step)),
+                                             "time": committed_at or time.time()}
+                self.catalogue = checkpoint_catalogue([*self.catalogue, entry], self.keep)
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
             message = f"{type(exc).__name__}: {_first_cause(exc)}"
             log.error("checkpoint of step %d failed: %s", step, message)
@@ -256,18 +278,21 @@ class CheckpointManager:
         finally:
             inflight.done.set()
 
-    def _commit(self, step: int, attempt_key: str) -> None:
+    def _commit(self, step: int, attempt_key: str) -> float:
+        """Write the step's manifest, exclusively; returns the commit's time (the manifest's)."""
         step_key = step_dir_name(step)
         objects = self.store.list(attempt_key + "/")
         sums = self.store.checksums(attempt_key + "/")
         files = {k[len(step_key) + 1:]: {"size": size, "checksum": sums[k]} for k, size in sorted(objects.items())}
+        now = time.time()
         marker = {"step": step, "attempt": attempt_key[len(step_key) + 1:], "worldSize": dist.get_world_size(),
-                  "time": time.time(), "files": files, "objectSize": self.s3.object_size_bytes, **self.fingerprints}
+                  "time": now, "files": files, "objectSize": self.s3.object_size_bytes, **self.fingerprints}
         try:
             self.store.put(f"{step_key}/{MARKER}", json.dumps(marker, indent=1).encode(), exclusive=True)
         except AlreadyExists:
             raise RuntimeError(f"step {step} was already committed by another writer; refusing to overwrite it "
                                f"(two jobs share checkpoint.uri?)") from None
+        return now
 
     def _discard(self, attempt_key: str) -> None:
         """Remove a failed attempt's objects: its own directory only, never another writer's."""

@@ -92,8 +92,9 @@ class ProgressState:
     def __init__(self, max_steps: int):
         self._lock = threading.Lock()
         self._data: dict[str, Any] = {"step": 0, "maxSteps": max_steps, "loss": None, "evalLoss": None,
-                                      "tokensPerSecond": None, "mfu": None, "etaSeconds": None,
-                                      "checkpoint": None, "phase": "starting", "updatedAt": time.time()}
+                                      "evalPerplexity": None, "tokensPerSecond": None, "mfu": None,
+                                      "etaSeconds": None, "checkpoint": None, "checkpoints": [],
+                                      "phase": "starting", "updatedAt": time.time()}
 
     def update(self, **fields: Any) -> None:
         unknown = set(fields) - PROGRESS_KEYS

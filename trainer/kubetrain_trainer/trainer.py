@@ -123,6 +123,7 @@ class Trainer:
             try:
                 self.checkpoints.clean_up_after_crash()
                 latest[0] = self.checkpoints.latest()
+                self.checkpoints.load_catalogue(latest[0])
             except Exception as exc:
                 latest[0] = ConfigError(f"checkpoint.uri: cannot read {self.store.uri} ({type(exc).__name__}: "
                                         f"{str(exc)[:200]}); check the bucket, s3.endpoint and the credentials")
@@ -136,6 +137,8 @@ class Trainer:
         log.info("resumed from %s at step %d", self.store.child_uri(step_dir_name(step)), step)
         self.committed_step = step
         self.metrics.checkpoint_step.set(step)
+        if self.progress and self.checkpoints.catalogue:  # what status shows before the first new commit
+            self.progress.update(checkpoint=self.checkpoints.catalogue[-1], checkpoints=self.checkpoints.catalogue)
 
     def state_dict(self) -> dict[str, Any]:
         """trainer_state.json: the step to resume from and the histories the summary reports."""
@@ -265,7 +268,7 @@ class Trainer:
         self.metrics.eval_loss.set(loss)
         self.metrics.eval_perplexity.set(perplexity)
         if self.progress:
-            self.progress.update(evalLoss=loss)
+            self.progress.update(evalLoss=loss, evalPerplexity=perplexity)
         self.events.emit("eval", step=self.step, loss=loss, perplexity=perplexity)
         log.info("eval step %d loss %.4f ppl %.2f", self.step, loss, perplexity)
         return loss
@@ -320,11 +323,15 @@ class Trainer:
         if result.ok:
             self.committed_step = result.step
             m.checkpoint_step.set(result.step)
-            info = {"step": result.step, "uri": self.store.child_uri(step_dir_name(result.step)), "time": time.time()}
+            info = {"step": result.step, "uri": self.store.child_uri(step_dir_name(result.step)),
+                    "time": result.committed_at or time.time()}
+            catalogue = self.checkpoints.catalogue  # (rank 0's; retention has run)
             if self.progress:
-                self.progress.update(checkpoint=info, checkpointFailures=self.checkpoint_failures)
+                self.progress.update(checkpoint=info, checkpoints=catalogue,
+                                     checkpointFailures=self.checkpoint_failures)
             self.events.emit("checkpoint", step=result.step, seconds=result.total_seconds,
-                             blockedSeconds=result.blocked_seconds, bytes=result.bytes_written, path=info["uri"])
+                             blockedSeconds=result.blocked_seconds, bytes=result.bytes_written, path=info["uri"],
+                             checkpoints=catalogue)
             log.info("checkpoint step %d committed: %.2fs in all, %.3fs blocking, %.1f MB", result.step,
                      result.total_seconds, result.blocked_seconds, result.bytes_written / 1e6)
         else:
