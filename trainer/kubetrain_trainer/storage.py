@@ -257,13 +257,14 @@ class S3Store(Store):
                                 UploadId=up["UploadId"]), "abort upload")
         return len(uploads)
 
-    def upload_tree(self, local: Path, key_prefix: str) -> None:
-        """Upload a local directory (e.g. the exported model) with boto3's transfer manager."""
+    def upload_tree(self, local: Path, key_prefix: str, skip: tuple[str, ...] = ()) -> None:
+        """Upload a local directory (e.g. the exported model) with boto3's transfer manager; file names in
+        `skip` are left out."""
         from boto3.s3.transfer import TransferConfig
 
         cfg = TransferConfig(multipart_chunksize=self.spec.part_size_bytes, max_concurrency=self.spec.max_concurrency)
         for path in sorted(local.rglob("*")):
-            if path.is_file():
+            if path.is_file() and path.name not in skip:
                 key = self.key(key_prefix + str(path.relative_to(local)))
                 self._retry(partial(self.client.upload_file, str(path), self.bucket, key, Config=cfg),
                             f"upload {path.name}")
@@ -296,3 +297,23 @@ def open_store(uri: str, spec: S3Spec) -> Store:
     if uri.startswith("s3://"):
         return S3Store(uri, spec)
     return LocalStore(uri.removeprefix("file://"))
+
+
+def put_tree(store: Store, local: Path, key_prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """Every file under `local` into `store` under `key_prefix` (file names in `skip` left out): S3's transfer
+    manager for an S3Store, a copy, fsync and rename per file for a LocalStore."""
+    if isinstance(store, S3Store):
+        store.upload_tree(local, key_prefix, skip)
+        return
+    import shutil
+
+    for path in sorted(Path(local).rglob("*")):
+        if not path.is_file() or path.name in skip:
+            continue
+        target = Path(store.uri) / (key_prefix + str(path.relative_to(local)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)

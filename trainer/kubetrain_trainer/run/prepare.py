@@ -1,6 +1,7 @@
 """`kubetrain run`'s inputs: raw text turned into a trained tokenizer and prepared shards under the
 run's output (cached: a rerun with unchanged inputs and settings reuses them), or prepared inputs
-taken as they are.
+taken as they are. Raw text under s3:// (a glob, a file, or any prefix with tokenizer.train) goes through
+the cluster's preparation stage (prepare_stage.py) into the output.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain_api.config import TrainerConfig
+from kubetrain_api.preparation import needs_preparation, prepared_config, prepared_location
 
 from .. import preparation as datamod
 from ..errors import ConfigError
@@ -23,6 +25,13 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
     from ..tokenizer import load_tokenizer
 
     d = cfg.data
+    if d.train.startswith("s3://") and needs_preparation(cfg):
+        # Raw text in a bucket: the cluster's preparation stage (the same preparation code), into the output.
+        from ..prepare_stage import run_stage
+
+        location = prepared_location(str(workdir / "prepared"), cfg)
+        run_stage(cfg, location, "all", workdir=workdir / "stage", log=log)
+        return prepared_config(cfg, location)
     if d.train.startswith("s3://") or datamod.is_prepared(d.train):
         return _given_prepared(cfg, workdir)
     train_files = datamod.resolve_inputs(d.train, "data.train")
