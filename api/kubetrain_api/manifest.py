@@ -67,10 +67,29 @@ class RunPolicy(Section):
     stall_timeout_seconds: int | None = Field(1800, gt=0, description="Restart workers when the step stalls this long.")
 
 
+class PreparationSpec(Section):
+    """Where and how a cluster job's raw text is prepared before its workers start (kubetrain_api.preparation);
+    `kubetrain run` prepares under its output and ignores this section."""
+
+    uri: str | None = Field(
+        None, description="Where the prepared data and tokenizer go: an s3:// prefix, or a path on a volume "
+        "every pod mounts (workers.podTemplate). Default: <checkpoint.uri>/prepared/.")
+    parts: int = Field(1, ge=1, le=1000, description="Pods the tokenisation fans out over (an Indexed Job; each "
+                       "takes every N-th input file); the tokenizer is trained once before, one index merged after.")
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> PreparationSpec:
+        if self.uri is not None and "://" in self.uri and not self.uri.startswith(("file://", "s3://")):
+            raise ValueError(f"preparation.uri scheme {self.uri.split('://', 1)[0]}:// is not supported; use "
+                             f"s3://bucket/prefix/ or a path on a shared volume")
+        return self
+
+
 class JobSpec(TrainerConfig):
     image: str | None = Field(None, description="Trainer image (clusters only).")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    preparation: PreparationSpec = Field(default_factory=PreparationSpec)
 
     def trainer_config(self) -> TrainerConfig:
         """The trainer's own sections (what each pod's trainer is given)."""

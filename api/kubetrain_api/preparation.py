@@ -93,9 +93,12 @@ def part_key(part: int) -> str:
     return f"{PARTS_DIR}/part-{part:05d}.json"
 
 
-def stage_argv(config: str, location: str, step: Step = "all", parts: int = 1) -> list[str]:
+def stage_argv(config: str, location: str, step: Step = "all", parts: int = 1,
+               workdir: str | None = None) -> list[str]:
     """The stage's command line. `part` steps take their index from $JOB_COMPLETION_INDEX (an Indexed Job)."""
     argv = ["python", "-m", STAGE_MODULE, "--config", config, "--to", location, "--step", step]
     if step in ("part", "merge"):
         argv += ["--parts", str(parts)]
+    if workdir is not None:
+        argv += ["--workdir", workdir]
     return argv

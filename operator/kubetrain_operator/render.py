@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetrain_api.contract import HEALTH_PATH, entrypoint_argv, trainer_argv
+from kubetrain_api.exit_codes import EXIT_CONFIG
 from kubetrain_api.manifest import API_VERSION, KIND, JobSpec
+from kubetrain_api.preparation import Step, stage_argv
 
+from . import preparation
 from .validate import POD_TEMPLATE_POD
 
 DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
@@ -78,6 +81,13 @@ def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> d
 
 
 def trainer_config_json(spec: JobSpec) -> str:
+    """What the workers train with: the spec's trainer sections, with the preparation stage's output in place
+    of raw text and a tokenizer to train (preparation.worker_config)."""
+    return json.dumps(preparation.worker_config(spec, OUTPUT_DIR).to_wire(), indent=2, sort_keys=True) + "\n"
+
+
+def stage_config_json(spec: JobSpec) -> str:
+    """What the preparation stage reads: the spec's trainer sections as written."""
     return json.dumps(spec.trainer_config().to_wire(), indent=2, sort_keys=True) + "\n"
 
 
@@ -100,8 +110,10 @@ def render_service(job: JobRef, spec: JobSpec) -> dict[str, Any]:
 def render_configmap(job: JobRef, spec: JobSpec) -> dict[str, Any]:
     meta = _metadata(job, config_name(job))
     meta["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(spec)}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {CONFIG_FILE: trainer_config_json(spec)}}
+    data = {CONFIG_FILE: trainer_config_json(spec)}
+    if preparation.mode(spec) != "none":
+        data[preparation.STAGE_CONFIG_FILE] = stage_config_json(spec)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 def grace_seconds(spec: JobSpec) -> int:
@@ -162,6 +174,8 @@ def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
     for key in POD_TEMPLATE_POD:
         if key in template and key not in ("volumes", "terminationGracePeriodSeconds"):
             pod_spec[key] = copy.deepcopy(template[key])
+    if preparation.mode(spec) == "init":  # ours first: the template's init containers may read the data
+        pod_spec["initContainers"] = [_prepare_init_container(spec), *pod_spec.get("initContainers", [])]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": _pod_metadata(job, spec, index), "spec": pod_spec}
 
 
@@ -226,7 +240,88 @@ def _trainer_container(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]
     return container
 
 
+def _stage_container(spec: JobSpec, step: Step, location: str) -> dict[str, Any]:
+    """The preparation stage (kubetrain_trainer.prepare_stage) in the trainer image: the worker container's
+    environment, S3 secret, podTemplate env and mounts; resources as the workers' but CPU and memory only
+    (tokenising needs no accelerator)."""
+    template = spec.workers.pod_template
+    env = [{"name": "KUBETRAIN_PREPARE_STEP", "value": step}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "kubetrain-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "kubetrain-output", "mountPath": OUTPUT_DIR},
+    ]
+    resources = {kind: {k: v for k, v in copy.deepcopy(values).items() if k in ("cpu", "memory")}
+                 for kind, values in spec.workers.resources.items() if isinstance(values, dict)}
+    container: dict[str, Any] = {
+        "name": preparation.CONTAINER,
+        "image": spec.image or DEFAULT_IMAGE,
+        "command": stage_argv(f"{CONFIG_DIR}/{preparation.STAGE_CONFIG_FILE}", location, step,
+                              spec.preparation.parts, workdir=f"{OUTPUT_DIR}/stage"),
+        "env": _merge_env(env, template.get("env", [])),
+        "volumeMounts": mounts + copy.deepcopy(template.get("volumeMounts", [])),
+        "resources": {k: v for k, v in resources.items() if v},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    secret = _s3_secret(spec)
+    env_from: list[dict[str, Any]] = [{"secretRef": {"name": secret}}] if secret else []
+    if env_from or template.get("envFrom"):
+        container["envFrom"] = env_from + copy.deepcopy(template.get("envFrom", []))
+    if "imagePullPolicy" in template:
+        container["imagePullPolicy"] = template["imagePullPolicy"]
+    if "containerSecurityContext" in template:
+        container["securityContext"] = copy.deepcopy(template["containerSecurityContext"])
+    return container
+
+
+def _prepare_init_container(spec: JobSpec) -> dict[str, Any]:
+    """Mode `init`: the worker prepares into its own output volume, where its config.json points."""
+    loc = preparation.location(spec, OUTPUT_DIR)
+    assert loc is not None
+    return _stage_container(spec, "all", loc)
+
+
+def render_stage_job(job: JobRef, spec: JobSpec, step: Step) -> dict[str, Any]:
+    """One step of the preparation stage (mode `job`) as a batch/v1 Job owned by the LLMTrainingJob: Indexed,
+    one completion per part; exit 2 (a wrong input) fails it at once, other failures are retried."""
+    loc = preparation.location(spec, OUTPUT_DIR)
+    assert loc is not None
+    template = spec.workers.pod_template
+    labels = {LABEL_ROLE: preparation.ROLE, preparation.LABEL_STEP: step}
+    n = preparation.completions(spec, step)
+    pod_meta = {"labels": {**template.get("labels", {}), **MANAGED_BY, LABEL_JOB: job.name, **labels}}
+    if template.get("annotations"):
+        pod_meta["annotations"] = copy.deepcopy(template["annotations"])
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [_stage_container(spec, step, loc)],
+        "volumes": [{"name": "kubetrain-config", "configMap": {"name": config_name(job)}},
+                    {"name": "kubetrain-output", "emptyDir": {}}, *copy.deepcopy(template.get("volumes", []))],
+    }
+    for key in POD_TEMPLATE_POD:
+        if key in template and key != "volumes":
+            pod_spec[key] = copy.deepcopy(template[key])
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(job, preparation.job_name(job.name, step), labels),
+        "spec": {
+            "completionMode": "Indexed", "completions": n, "parallelism": n,
+            "backoffLimit": preparation.BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": preparation.CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}}]},
+            "template": {"metadata": pod_meta, "spec": pod_spec},
+        },
+    }
+
+
+def render_stage_jobs(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:
+    """The stage's Jobs in the order the operator creates them (each once the previous has completed)."""
+    if preparation.mode(spec) != "job":
+        return []
+    return [render_stage_job(job, spec, step) for step in preparation.steps(spec)]
+
+
 def render_objects(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:
-    """Everything the operator creates for a job at its desired size, in creation order."""
-    return [render_service(job, spec), render_configmap(job, spec),
+    """Everything the operator creates for a job at its desired size, in creation order (the preparation
+    Jobs, when there are any, one after another and before the workers)."""
+    return [render_service(job, spec), render_configmap(job, spec), *render_stage_jobs(job, spec),
             *(render_pod(job, spec, i) for i in range(spec.workers.nodes))]

@@ -9,6 +9,8 @@ from kubetrain_api.config import format_validation_error
 from kubetrain_api.manifest import JobSpec
 from pydantic import ValidationError
 
+from . import preparation
+
 # podTemplate keys and where they go: the pod's metadata, the pod's spec, or the trainer container.
 POD_TEMPLATE_META = ("labels", "annotations")
 POD_TEMPLATE_POD = (
@@ -60,6 +62,7 @@ def validate_job(name: str, raw_spec: Any) -> Validated:
         errors.append(f"metadata.name ({name!r}) is too long for worker hostnames ({name}-worker-{high - 1}); "
                       f"use at most {max_job_name_length(high)} characters")
     errors.extend(_pod_template_errors(spec.workers.pod_template))
+    errors.extend(_preparation_errors(name, spec))
     if errors:
         return Validated(None, "\n".join(errors))
     world = spec.workers.nodes * spec.workers.proc_per_node
@@ -77,7 +80,31 @@ def validate_job(name: str, raw_spec: Any) -> Validated:
     if spec.checkpoint.uri is None:
         warnings.append("checkpoint.uri is not set: checkpoints stay in each pod's emptyDir and are lost when a "
                         "worker is replaced; set it to a shared volume path or an s3:// URI to resume after restarts")
+    if preparation.mode(spec) == "init":
+        warnings.append("the data are raw text or the tokenizer is trained, and there is no shared storage: the "
+                        "worker prepares them in its own volume, again after every restart; set checkpoint.uri (or "
+                        "preparation.uri) to an s3:// prefix or a shared volume to prepare them once")
     return Validated(spec, None, tuple(warnings))
+
+
+def _preparation_errors(name: str, spec: JobSpec) -> list[str]:
+    """A job whose data must be prepared first (preparation.py): where the output goes, and the Jobs' names."""
+    m = preparation.mode(spec)
+    if m == "init" and not preparation.init_possible(spec):
+        high = spec.workers.elastic_range[1]
+        what = ("spec.tokenizer.train learns a tokenizer" if spec.tokenizer.train is not None
+                else f"spec.data.train ({spec.data.train!r}) is raw text")
+        return [f"spec.checkpoint.uri: {what}, which is prepared once before the workers start, and up to {high} "
+                f"workers must read one prepared copy: set spec.checkpoint.uri (or spec.preparation.uri) to an "
+                f"s3:// prefix or a path on a volume every worker mounts, or prepare the data beforehand "
+                f"(`kubetrain prepare --output s3://...`) and point spec.data.train at the shards"]
+    if m == "job" and len(name) + preparation.MAX_SUFFIX > MAX_NAME:
+        return [f"metadata.name ({name!r}) is too long for the data preparation Jobs ({name}-tokenizer); use at "
+                f"most {MAX_NAME - preparation.MAX_SUFFIX} characters"]
+    if m == "init" and spec.preparation.parts > 1:
+        return [f"spec.preparation.parts ({spec.preparation.parts}) fans out over pods that write to shared "
+                f"storage: set spec.checkpoint.uri or spec.preparation.uri, or use parts: 1"]
+    return []
 
 
 def _pod_template_errors(template: dict[str, Any]) -> list[str]:

@@ -366,16 +366,16 @@ def _dumps(value: Any) -> bytes:
 
 
 def run_stage(cfg: TrainerConfig, location: str, step: str = "all", part: int = 0, parts: int = 1,
-              workdir: Path | None = None, log: Log = print) -> str:
-    """Run one step; 'reused' or 'prepared'. Downloads and local output under `workdir` (a temporary
-    directory, removed afterwards, when None)."""
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="kubetrain-stage-")) if workdir is None else workdir
+              scratch: Path | None = None, log: Log = print) -> str:
+    """Run one step; 'reused' or 'prepared'. Downloads and a part's local output go to a temporary directory
+    (under `scratch` if given), removed afterwards."""
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kubetrain-stage-", dir=scratch))
     try:
         return Stage(cfg, location, work, log).run(step, part, parts)
     finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", choices=STEPS, default="all")
     parser.add_argument("--part", type=int, help="this part's index (default: $JOB_COMPLETION_INDEX, else 0)")
     parser.add_argument("--parts", type=int, default=1, help="how many parts the input files are split into")
-    parser.add_argument("--workdir", help="scratch space for downloads and a part's output (default: a temp dir)")
+    parser.add_argument("--workdir", help="scratch space for downloads and a part's output (default: $TMPDIR)")
     args = parser.parse_args(argv)
     try:
         from pydantic import ValidationError

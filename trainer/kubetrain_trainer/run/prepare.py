@@ -30,7 +30,7 @@ def prepare_inputs(cfg: TrainerConfig, workdir: Path, log: Any = print) -> Train
         from ..prepare_stage import run_stage
 
         location = prepared_location(str(workdir / "prepared"), cfg)
-        run_stage(cfg, location, "all", workdir=workdir / "stage", log=log)
+        run_stage(cfg, location, "all", scratch=workdir, log=log)
         return prepared_config(cfg, location)
     if d.train.startswith("s3://") or datamod.is_prepared(d.train):
         return _given_prepared(cfg, workdir)
