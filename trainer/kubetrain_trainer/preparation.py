@@ -83,11 +83,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KUBETRAIN_CACHE", Path.home() / ".cache" / "kubetrain"))
 
 
+def baked_corpora() -> Path | None:
+    """Corpora baked into an image (read-only; trainer/Dockerfile sets KUBETRAIN_CORPORA), searched before the
+    cache: a pod on a cluster without internet access finds corpus://shakespeare there."""
+    baked = os.environ.get("KUBETRAIN_CORPORA")
+    return Path(baked) if baked else None
+
+
 def fetch_corpus(name: str) -> str:
-    """Download a named demo corpus into the cache (once) and return a glob of its text files."""
+    """A glob of a named demo corpus's text files: baked into the image, else downloaded into the cache (once)."""
     if name not in CORPORA:
         raise ConfigError(f"data: unknown corpus://{name}; known corpora: {', '.join(sorted(CORPORA))}")
     spec = CORPORA[name]
+    baked = baked_corpora()
+    if baked is not None and glob.glob(str(baked / spec["package"].replace("==", "-") / spec["glob"])):
+        return str(baked / spec["package"].replace("==", "-") / spec["glob"])
     root = cache_dir() / "corpora" / spec["package"].replace("==", "-")
     pattern = str(root / spec["glob"])
     if glob.glob(pattern):
