@@ -16,7 +16,8 @@ from kubetrain_api.manifest import GROUP, PLURAL, VERSION
 
 from .controller import OperatorConfig, Runtime, progress_loop, reconcile_loop
 from .pods import ObservedPod, observe_pod
-from .render import LABEL_JOB
+from .preparation import ROLE, StageJob, StagePod, observe_stage_job, observe_stage_pod
+from .render import LABEL_JOB, LABEL_ROLE
 
 JOBS = (GROUP, VERSION, PLURAL)
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -68,9 +69,31 @@ async def stop(memo: Any, **_: Any) -> None:
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
 def worker_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, ObservedPod]:
-    """Worker pods by (namespace, job name): what every reconcile observes, kept current by the watch."""
+    """Worker pods by (namespace, job name): what every reconcile observes, kept current by the watch. The data
+    preparation's pods carry the job's label too, with another role: they are not workers."""
+    if labels.get(LABEL_ROLE, "worker") != "worker":
+        return {}
     pod = observe_pod(dict(body))
     return {} if pod is None else {(namespace, labels[LABEL_JOB]): pod}
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def stage_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, StagePod]:
+    """The data preparation's pods, and workers' preparation init containers, by (namespace, job name)."""
+    pod = observe_stage_pod(dict(body))
+    return {} if pod is None else {(namespace, labels[LABEL_JOB]): pod}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT, LABEL_ROLE: ROLE})
+def stage_jobs(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[Any, StageJob]:
+    """The data preparation's batch Jobs by (namespace, job name)."""
+    job = observe_stage_job(dict(body))
+    return {} if job is None else {(namespace, labels[LABEL_JOB]): job}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT, LABEL_ROLE: ROLE})
+def stage_job_changed(namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+    memo.runtime.wake(namespace, labels.get(LABEL_JOB))
 
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})

@@ -31,6 +31,7 @@ class Kube:
     def __init__(self, api_client: client.ApiClient, concurrency: int = 64, retries: int = 4):
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.coordination = client.CoordinationV1Api(api_client)
         self._limit = asyncio.Semaphore(concurrency)
@@ -76,10 +77,11 @@ class Kube:
     # creation and deletion -------------------------------------------------------------------------
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """Create a Pod, Service or ConfigMap; None when it already exists."""
+        """Create a Pod, Service, ConfigMap or (data preparation) batch Job; None when it already exists."""
         ns, kind = obj["metadata"]["namespace"], obj["kind"]
         method = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
-                  "ConfigMap": self.core.create_namespaced_config_map}[kind]
+                  "ConfigMap": self.core.create_namespaced_config_map,
+                  "Job": self.batch.create_namespaced_job}[kind]
         try:
             return dict(await self._call(method, ns, obj))
         except KubeError as exc:

@@ -13,11 +13,12 @@ from support.chart import NAMESPACE, one, template
 
 OPERATOR_SRC = ROOT / "operator" / "kubetrain_operator"
 # The API classes the operator's client uses, and the API group each one serves.
-API_GROUPS = {"CoreV1Api": "", "CoordinationV1Api": "coordination.k8s.io", "CustomObjectsApi": None}
+API_GROUPS = {"CoreV1Api": "", "CoordinationV1Api": "coordination.k8s.io", "BatchV1Api": "batch",
+              "CustomObjectsApi": None}
 VERBS = {"create": "create", "delete": "delete", "patch": "patch", "read": "get", "replace": "update",
          "list": "list"}
 PLURALS = {"pod": "pods", "service": "services", "config_map": "configmaps", "lease": "leases",
-           "event": "events", "secret": "secrets"}
+           "event": "events", "secret": "secrets", "job": "jobs"}
 
 # What Kopf 1.45 itself calls for our handlers (handlers.py) and settings (runner.py: standalone=True, so no
 # peering objects; handlers.configure: annotation-based progress and diffbase storage). Namespaced: granted in
@@ -25,9 +26,10 @@ PLURALS = {"pod": "pods", "service": "services", "config_map": "configmaps", "le
 KOPF_NAMESPACED = {
     # kopf/_core/reactor/queueing.py watcher → _cogs/clients/watching.py infinite_watch: fetching.fetch_objs
     # (the initial list) and continuous_watch (?watch=true), for every resource with handlers: the jobs
-    # (@kopf.on.event, @kopf.daemon) and pods (@kopf.index, @kopf.on.event).
+    # (@kopf.on.event, @kopf.daemon), pods (@kopf.index, @kopf.on.event) and the data preparation's batch Jobs
+    # (@kopf.index, @kopf.on.event).
     ("kubetrain.io", "llmtrainingjobs", "list"), ("kubetrain.io", "llmtrainingjobs", "watch"),
-    ("", "pods", "list"), ("", "pods", "watch"),
+    ("", "pods", "list"), ("", "pods", "watch"), ("batch", "jobs", "list"), ("batch", "jobs", "watch"),
     # _cogs/clients/patching.py patch_obj: the finalizer (daemons need one) and the progress/diffbase
     # annotations, on resources with daemons (the jobs). Status is never part of it with annotation storage.
     ("kubetrain.io", "llmtrainingjobs", "patch"),
@@ -117,7 +119,7 @@ def kopf_needs(clusterwide: bool) -> tuple[set[tuple[str, str, str]], set[tuple[
     watched = {s.plural or s.any_name for r in (registry._indexing, registry._watching, registry._spawning,
                                                   registry._changing) for s in r.get_all_selectors()}
     patched = {s.plural or s.any_name for r in (registry._spawning, registry._changing) for s in r.get_all_selectors()}
-    assert watched == {"pods", "llmtrainingjobs"} and patched == {"llmtrainingjobs"}, (
+    assert watched == {"pods", "llmtrainingjobs", "jobs"} and patched == {"llmtrainingjobs"}, (
         f"handlers changed (watched {watched}, patched {patched}): update KOPF_NAMESPACED")
     assert not registry._webhooks.get_all_handlers(), "admission webhooks need more RBAC: update this test"
     settings = kopf.OperatorSettings()

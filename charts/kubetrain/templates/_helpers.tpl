@@ -66,6 +66,11 @@ operator's code (its API client calls and the Kopf calls its handlers imply): no
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "patch"]
+# Data preparation: Kopf indexes and watches the stage's batch Jobs; the operator creates them (owned by the
+# LLMTrainingJob, so the garbage collector deletes them with it).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create"]
 # Kopf posts core/v1 Events on the jobs (the operator's kopf.event calls and Kopf's own).
 - apiGroups: [""]
   resources: ["events"]
