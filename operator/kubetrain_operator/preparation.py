@@ -15,7 +15,7 @@ makes a rerun (a new Job after a restart, or the same job applied again) exit at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kubetrain_api.config import TrainerConfig
@@ -113,6 +113,14 @@ class StagePod:
     message: str | None = None  # the termination message (the stage's last log lines on failure)
     init: bool = False
     created: str = ""  # creationTimestamp: the newest failure is the one reported
+
+
+@dataclass(frozen=True)
+class StageView:
+    """The data preparation as observed for one job: its Jobs and pods (handlers.py's indexes)."""
+
+    jobs: list[StageJob] = field(default_factory=list)
+    pods: list[StagePod] = field(default_factory=list)
 
 
 def observe_stage_job(body: object) -> StageJob | None:

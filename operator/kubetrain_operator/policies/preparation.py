@@ -15,7 +15,8 @@ from typing import Literal
 from kubetrain_api.exit_codes import EXIT_CONFIG
 from kubetrain_api.manifest import JobSpec
 
-from ..preparation import StageJob, StagePod, completions, job_name, steps
+from ..draft import Draft
+from ..preparation import StageJob, StagePod, StageView, completions, job_name, mode, steps
 
 Action = Literal["create", "wait", "done", "failed"]
 
@@ -78,3 +79,28 @@ def _failure(name: str, job: StageJob, pods: list[StagePod], step: str) -> str:
         code = f" (exit {pod.exit_code})" if pod.exit_code is not None else ""
         return f"{name}: data preparation failed{code}{_detail(pod.message)}"
     return f"{name}: data preparation failed{_detail(job.message)}"
+
+
+def gate(d: Draft, spec: JobSpec, stage: StageView) -> Decision | None:
+    """The planner's gate before the workers: None when they may start (or go on), else the decision to apply
+    (create the step's Job and be Preparing, wait and be Preparing, or fail). The stage is consulted only while
+    no worker is alive: a launched group has its data. Mode `init` gates nothing but its failure (the worker
+    pod itself prepares); see init_waiting for its phase."""
+    m = mode(spec)
+    if m == "none":
+        return None
+    if m == "init":
+        decision = decide_init(stage.pods)
+        return decision if decision.action == "failed" else None
+    if any(p.alive for p in d.pods.values()):
+        return None
+    decision = decide(d.job.ref.name, spec, stage.jobs, stage.pods)
+    return None if decision.action == "done" else decision
+
+
+def init_waiting(spec: JobSpec, stage: StageView) -> Decision | None:
+    """Mode `init`: the worker's init container is preparing (the planner shows Preparing while it is Pending)."""
+    if mode(spec) != "init":
+        return None
+    decision = decide_init(stage.pods)
+    return decision if decision.action == "wait" else None

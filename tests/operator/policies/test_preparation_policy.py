@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetrain_api.manifest import JobSpec
-from kubetrain_operator.policies.preparation import Decision, decide, decide_init
+from kubetrain_operator.policies.preparation import Decision, decide, decide_init, gate, init_waiting
 from kubetrain_operator.preparation import StageJob, StagePod
 from support import spec_dict
 
@@ -71,3 +71,39 @@ def test_the_init_container_is_preparing_while_it_runs_and_exit_2_fails_the_job(
     assert d.action == "failed" and d.message.endswith("(exit 2): error: data.train: no input files match")
     assert decide_init([StagePod("tiny-worker-0", "all", "Failed", 137, None, init=True)]).action == "done"
     assert decide_init([StagePod("tiny-worker-0", "all", "Succeeded", 0, None, init=True)]).action == "done"
+
+
+def _draft(s: JobSpec, pods: list[Any] | None = None) -> Any:
+    from kubetrain_operator.draft import Draft, JobView, PlannerConfig
+    from kubetrain_operator.render import JobRef
+
+    return Draft(JobView(JobRef("tiny", "ml", "uid-1"), s), {}, pods or [], 1000.0, PlannerConfig())
+
+
+def test_the_gate_holds_the_workers_until_the_stage_is_done_and_never_once_they_run() -> None:
+    from kubetrain_operator.pods import ObservedPod
+    from kubetrain_operator.preparation import StageView
+
+    s = spec()
+    assert gate(_draft(s), s, StageView()) == Decision("create", "all", "Preparing",
+                                                       "tiny-prepare: creating the data preparation Job")
+    running = StageView([StageJob("tiny-prepare", "u1", "all", active=1)])
+    assert gate(_draft(s), s, running).action == "wait"  # type: ignore[union-attr]
+    assert gate(_draft(s), s, StageView([StageJob("tiny-prepare", "u1", "all", complete=True)])) is None
+    worker = ObservedPod("tiny-worker-0", 0, "w0", phase="Running")
+    assert gate(_draft(s, [worker]), s, StageView()) is None  # a launched group already has its data
+    prepared = JobSpec.model_validate(spec_dict())
+    assert gate(_draft(prepared), prepared, StageView()) is None
+
+
+def test_the_init_mode_gate_fails_on_exit_2_and_otherwise_lets_the_worker_prepare() -> None:
+    from kubetrain_operator.preparation import StageView
+
+    s = JobSpec.model_validate(spec_dict(tokenizer={"path": None, "train": {"vocabSize": 512}},
+                                         data={"train": "corpus://shakespeare", "validation": None},
+                                         checkpoint={"uri": None}, workers={"nodes": 1}))
+    running = StageView(pods=[StagePod("tiny-worker-0", "all", "Running", init=True)])
+    assert gate(_draft(s), s, running) is None and init_waiting(s, running) is not None
+    bad = StageView(pods=[StagePod("tiny-worker-0", "all", "Failed", 2, "error: data.train", init=True)])
+    assert gate(_draft(s), s, bad).action == "failed"  # type: ignore[union-attr]
+    assert init_waiting(s, StageView()) is None
