@@ -70,6 +70,8 @@ class Tracking(Section):
     below_min_since: str | None = Field(None, description="Since when fewer than minNodes workers are alive.")
     restart_time: str | None = Field(None, description="When the workers were last (re)started (stall detection).")
     full_restart: bool = Field(False, description="All workers are being restarted: relaunch them together.")
+    resizing: bool = Field(False, description="The restart under way re-forms the group at a new size after "
+                                              "checkpointing the current step; not counted as a restart.")
 
 
 class JobStatus(Section):

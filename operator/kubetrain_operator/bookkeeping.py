@@ -33,6 +33,7 @@ class Bookkeeping:
     below_min_since: float | None
     restart_time: float | None
     full_restart: bool
+    resizing: bool
     step_time: float | None
 
     @classmethod
@@ -55,6 +56,7 @@ class Bookkeeping:
             below_min_since=parse_time(t.get("belowMinSince")),
             restart_time=parse_time(t.get("restartTime")),
             full_restart=t.get("fullRestart") is True,
+            resizing=t.get("resizing") is True,
             step_time=parse_time(as_dict(s.get("progress")).get("stepTime")),
         )
 

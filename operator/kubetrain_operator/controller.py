@@ -199,13 +199,14 @@ class Reconciler:
         for kind, reason, message in ((e.type, e.reason, e.message) for e in p.events):
             self.post_event(kind, reason, message)
         if p.delete:
-            await asyncio.gather(*(self.delete_pod(d.name, d.uid, d.force) for d in p.delete))
+            await asyncio.gather(*(self.delete_pod(d.name, d.uid, 0 if d.force else d.grace_seconds)
+                                   for d in p.delete))
         if p.delete_job:
             self.logger.info("ttlSecondsAfterFinished passed: deleting the LLMTrainingJob")
             await kube.delete_job(ns, name)
 
-    async def delete_pod(self, pod: str, uid: str, force: bool) -> None:
-        if await self.rt.kube.delete_pod(self.key[0], pod, 0 if force else None):
+    async def delete_pod(self, pod: str, uid: str, grace_seconds: int | None) -> None:
+        if await self.rt.kube.delete_pod(self.key[0], pod, grace_seconds):
             self.rt.metrics.pods_deleted.inc()
         self.expect.deleted[uid] = time.time()  # (from when the delete returned, as for creates)
 

@@ -14,6 +14,8 @@ from .coerce import as_dict
 from .pods import ObservedPod
 from .render import JobRef, pod_name
 
+RESIZING = "Resizing"  # the reason of a Restarting phase that re-forms the group at a new size (no failure)
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
@@ -43,6 +45,7 @@ class Deletion:
     name: str
     uid: str
     force: bool = False  # grace period 0: the pod is stuck terminating (e.g. on a lost node)
+    grace_seconds: int | None = None  # else the pod's own terminationGracePeriodSeconds
 
 
 @dataclass
@@ -78,12 +81,12 @@ class Draft:
     def event(self, kind: str, reason: str, message: str) -> None:
         self.plan.events.append(Event(kind, reason, message))
 
-    def delete(self, pod: ObservedPod, force: bool = False) -> None:
+    def delete(self, pod: ObservedPod, force: bool = False, grace_seconds: int | None = None) -> None:
         """Delete once per pass; a pod already terminating only when forced (it is going anyway)."""
         if pod.uid in self.deleting or (pod.terminating and not force):
             return
         self.deleting.add(pod.uid)
-        self.plan.delete.append(Deletion(pod.name, pod.uid, force))
+        self.plan.delete.append(Deletion(pod.name, pod.uid, force, None if force else grace_seconds))
 
     def wake_at(self, when: float | None) -> None:
         if when is not None:
@@ -91,6 +94,6 @@ class Draft:
 
     def set_phase(self, phase: str, reason: str, message: str) -> None:
         if phase != self.st.phase:
-            kind = "Warning" if phase in (FAILED, RESTARTING) else "Normal"
+            kind = "Warning" if phase == FAILED or (phase == RESTARTING and reason != RESIZING) else "Normal"
             self.event(kind, reason or phase, message or phase)
         self.phase, self.reason, self.message = phase, reason, message

@@ -15,7 +15,7 @@ from kubetrain_api.status import PENDING, RESTARTING, RUNNING, SUSPENDED, TERMIN
 
 from .bookkeeping import OWNED, merge_patch, update_conditions
 from .coerce import as_count, as_dict
-from .draft import Deletion, Draft, Event, JobView, Plan, PlannerConfig
+from .draft import RESIZING, Deletion, Draft, Event, JobView, Plan, PlannerConfig
 from .pods import ObservedPod
 from .policies import elastic, stall, suspend, time_limits, workers
 from .policies.completion import fail, finished, succeed
@@ -71,7 +71,7 @@ def _active(d: Draft, spec: JobSpec) -> None:
     suspend.resume_if_suspended(d)
 
     previous = as_count(as_dict(d.old_status.get("workers")).get("desired"))
-    workers.scale_down(d, desired, desired if previous is None else previous)
+    workers.resize(d, desired, desired if previous is None else previous)
     # A full restart under way has nothing new to count: its pods are all recorded as replaced.
     if not st.full_restart and not count_incidents(d, spec):
         return
@@ -90,7 +90,9 @@ def _decide_phase(d: Draft, low: int, desired: int) -> None:
     live = [p for p in d.pods.values() if p.index < desired and p.uid not in d.deleting]
     running = sum(1 for p in live if p.alive and p.phase in ("Running", "Succeeded"))
     alive = sum(1 for p in live if p.alive) + len(d.plan.create)
-    if st.full_restart:
+    if st.full_restart and st.resizing:
+        d.set_phase(RESTARTING, RESIZING, f"re-forming at {desired} workers from the step checkpointed now")
+    elif st.full_restart:
         d.set_phase(RESTARTING, "RestartingAllWorkers", f"restart {st.restarts}: relaunching all workers")
     elif running >= low:
         if d.phase != RUNNING:
@@ -125,6 +127,7 @@ def _finish(d: Draft) -> Plan:
         "belowMinSince": iso_precise(st.below_min_since) if st.below_min_since is not None else None,
         "restartTime": iso_precise(st.restart_time) if st.restart_time is not None else None,
         "fullRestart": st.full_restart,
+        "resizing": st.resizing,
     }
     new: dict[str, Any] = {
         "phase": d.phase, "reason": d.reason, "message": d.message,

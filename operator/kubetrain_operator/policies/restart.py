@@ -1,11 +1,15 @@
 """Restart and failure policy: which pod ends count as restarts, runPolicy.maxRestarts, the exponential
-backoff, and full restarts.
+backoff, and the restart itself.
 
-A worker that fails, is deleted or disappears is recreated (after the backoff) while the others keep
-running (torchrun re-rendezvous), and counts one restart. Worker 0 hosts the rendezvous, so its loss
-restarts all workers (one restart), as do a stall and staying below minNodes for longer than the grace
-period. Each counted pod's uid is recorded (tracking.replacing) before anything is deleted, so no failure
-is counted twice, whenever the operator stops. An exit restarting cannot help (classify) fails the job.
+A worker that fails, is deleted or disappears restarts the whole group, counted once: every pod runs one
+torchrun round (`--max-restarts=0`, render.torchrun_args), so the survivors cannot go on without it; they
+are stopped with a short grace period (they cannot commit a checkpoint without the lost rank's shards) and
+all relaunch together after the backoff, resuming from the newest committed checkpoint. Whatever else ends
+before the relaunch (the survivors' own exits, as their collectives fail) is part of the same restart. A
+stall and staying below minNodes for longer than the grace period restart all the same way. Each counted
+pod's uid is recorded (tracking.replacing) before anything is deleted, so no failure is counted twice,
+whenever the operator stops. An exit restarting cannot help (classify) fails the job at once, whichever
+worker it is in, even one already stopped for a restart.
 """
 
 from __future__ import annotations
@@ -17,15 +21,23 @@ from ..pods import Outcome, classify
 from ..render import pod_name
 from .completion import fail
 
+# The survivors of a failure: SIGTERM, then SIGKILL after this long. They cannot commit a checkpoint without the
+# lost rank (its shards are gone), and one blocked in a collective with a vanished peer would otherwise hold the
+# restart for the whole terminationGracePeriodSeconds (900 s by default).
+FAILED_GROUP_GRACE_SECONDS = 30
+# What an incident's own message says, first: the survivors of a lost peer exit with a plain error.
+_CAUSE_ORDER = ("Lost", "Deleted", "OOMKilled", "Signal", "Preempted")
+
 
 def backoff_seconds(base: float, restarts: int, cap: float) -> float:
     return float(min(cap, base * 2 ** max(0, restarts - 1)))
 
 
 def permanent_failure(d: Draft) -> Outcome | None:
-    """The first failed pod, not yet handled, whose exit restarting cannot fix (a config error, NaN loss)."""
+    """The first failed pod whose exit restarting cannot fix (a config error, NaN loss), also one stopped for a
+    restart under way (a deterministic error seen after another worker's exit stays deterministic)."""
     for pod in d.pods.values():
-        if pod.phase == "Failed" and d.st.replacing.get(str(pod.index)) != pod.uid:
+        if pod.phase == "Failed":
             outcome = classify(pod)
             if not outcome.retryable:
                 return outcome
@@ -45,8 +57,8 @@ def count(d: Draft, n: int, reason: str, message: str) -> bool:
 
 
 def count_incidents(d: Draft, spec: JobSpec) -> bool:
-    """Find the workers that ended badly or disappeared since the last pass and count them (one restart
-    each, or one for all when worker 0 is among them); False when that failed the job."""
+    """Find the workers that ended badly or disappeared since the last pass and restart the group for
+    them: one restart however many (one failure takes the group down); False when that failed the job."""
     st, desired = d.st, spec.workers.nodes
     incidents: list[tuple[int, str, Outcome]] = []
     for i in range(desired):
@@ -63,27 +75,31 @@ def count_incidents(d: Draft, spec: JobSpec) -> bool:
             d.delete(pod)  # counted before; the deletion may not have happened
     if not incidents:
         return True
-    full = any(i == 0 for i, _, _ in incidents)
-    first = incidents[0][2]
-    if not count(d, 1 if full else len(incidents), first.reason, first.message):
+    cause = min(incidents, key=lambda inc: (_CAUSE_ORDER.index(inc[2].reason) if inc[2].reason in _CAUSE_ORDER
+                                            else len(_CAUSE_ORDER), inc[0]))[2]
+    if not count(d, 1, cause.reason, cause.message):
         return False
     backoff = backoff_seconds(spec.run_policy.restart_backoff_seconds, st.restarts, d.cfg.max_backoff_seconds)
     for i, uid, outcome in incidents:
         st.replacing[str(i)] = uid
         d.event("Warning", f"Worker{outcome.reason}" if outcome.reason != "Lost" else "WorkerLost",
                 f"{outcome.message}; restart {st.restarts} of {spec.run_policy.max_restarts}, "
-                f"{'all workers' if full else 'recreating it'} in {backoff:g}s")
-        pod = d.pods.get(i)
-        if pod is not None and pod.phase == "Failed":
-            d.delete(pod)
-    if full:
-        restart_all(d, "worker 0 (the rendezvous host) ended: " + first.message)
+                f"all workers in {backoff:g}s")
+    restart_all(d, f"{cause.message}: restarting all workers", grace_seconds=FAILED_GROUP_GRACE_SECONDS)
     return True
 
 
-def restart_all(d: Draft, why: str, force_older_than: float | None = None) -> None:
-    """Stop every worker to relaunch them together (policies/workers.py waits until all are gone);
-    force_older_than: pods whose deletion was asked before then are force-deleted (stuck on a lost node)."""
+def restart_all(d: Draft, why: str, force_older_than: float | None = None,
+                grace_seconds: int | None = None) -> None:
+    """Stop every worker to relaunch them together, and say why."""
+    stop_all(d, force_older_than, grace_seconds)
+    d.event("Warning", "RestartingAllWorkers", why)
+
+
+def stop_all(d: Draft, force_older_than: float | None = None, grace_seconds: int | None = None) -> None:
+    """Delete every worker to relaunch them together (policies/workers.py waits until all are gone);
+    force_older_than: pods whose deletion was asked before then are force-deleted (stuck on a lost node);
+    grace_seconds: instead of the pods' own grace period (None: theirs, time for a SIGTERM checkpoint)."""
     st = d.st
     st.full_restart, st.below_min_since, st.restart_time = True, None, d.now
     d.plan.create, d.plan.launch = [], False
@@ -91,5 +107,4 @@ def restart_all(d: Draft, why: str, force_older_than: float | None = None) -> No
         st.replacing[str(pod.index)] = pod.uid
         stuck = (force_older_than is not None and pod.terminating and pod.deletion_time is not None
                  and pod.deletion_time <= force_older_than)
-        d.delete(pod, force=stuck)
-    d.event("Warning", "RestartingAllWorkers", why)
+        d.delete(pod, force=stuck, grace_seconds=None if pod.phase == "Failed" else grace_seconds)

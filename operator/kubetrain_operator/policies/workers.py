@@ -1,23 +1,33 @@
-"""Which worker pods to create and delete for the job's size: scale down, the first launch (or a resume),
-the relaunch together after a full restart, replacements after the backoff, scale up."""
+"""Which worker pods to create and delete for the job's size: a resize, the first launch (or a resume),
+the relaunch together after a full restart or a resize, replacements after the backoff."""
 
 from __future__ import annotations
 
 from kubetrain_api.manifest import JobSpec
 
 from ..draft import Draft
-from .restart import backoff_seconds
+from ..render import grace_seconds
+from .restart import FAILED_GROUP_GRACE_SECONDS, backoff_seconds, stop_all
 
 
-def scale_down(d: Draft, desired: int, previous: int) -> None:
-    """Pods beyond the desired size go (gracefully: they checkpoint first)."""
+def resize(d: Draft, desired: int, previous: int) -> None:
+    """A launched group whose size changed (kubectl scale, spec.workers.nodes) stops every worker gracefully:
+    SIGTERM makes all ranks agree on a step and commit its checkpoint (the trainer's preempt, as for a
+    suspend), and create() relaunches them at the new size once all are gone, so no completed step is redone.
+    Not a restart: nothing failed. A group in the middle of a restart relaunches at the new size anyway."""
     st = d.st
+    if st.launched and previous != desired:
+        how = "re-forming at the new size after a restart" if st.full_restart and not st.resizing else \
+            "checkpointing the current step, then re-forming the group"
+        d.event("Normal", "Scaled", f"workers {previous} → {desired}: {how}")
+        if not st.full_restart:
+            stop_all(d)
+            st.resizing = True
     for pod in d.pods.values():
         if pod.index >= desired:
             d.delete(pod)
-    st.replacing = {k: v for k, v in st.replacing.items() if int(k) < desired}
-    if st.launched and previous != desired:
-        d.event("Normal", "Scaled", f"workers {previous} → {desired}")
+    if not st.full_restart:  # (a restart waits for every old pod, the ones beyond the size included)
+        st.replacing = {k: v for k, v in st.replacing.items() if int(k) < desired}
     st.launched = min(st.launched, desired)
 
 
@@ -34,9 +44,15 @@ def create(d: Draft, spec: JobSpec, desired: int) -> None:
     backed_off = backoff_until is None or d.now >= backoff_until
     if st.full_restart:  # relaunch together once every old pod is gone (they checkpoint on SIGTERM)
         old = set(st.replacing.values())
+        overdue = _stop_overdue(d, spec)
         for pod in d.pods.values():
             if pod.uid in old:
-                d.delete(pod)
+                d.delete(pod, force=overdue and pod.terminating)
+        if overdue:
+            d.event("Warning", "ForceDeleted", "workers still terminating long after their grace period "
+                    "(a lost node?): force-deleted to relaunch")
+        elif st.restart_time is not None:
+            d.wake_at(st.restart_time + _overdue_seconds(d, spec))
         if any(p.uid in old for p in d.pods.values()):
             return
         if not backed_off:
@@ -64,12 +80,25 @@ def create(d: Draft, spec: JobSpec, desired: int) -> None:
     st.launched = desired
 
 
+def _overdue_seconds(d: Draft, spec: JobSpec) -> float:
+    """How long after the stop a pod still terminating is stuck (its node lost, say): the grace asked for (a
+    failure's short one, or the pods' own for a resize's checkpoint), then PlannerConfig's grace."""
+    asked = grace_seconds(spec) if d.st.resizing else FAILED_GROUP_GRACE_SECONDS
+    return asked + d.cfg.below_min_grace_seconds
+
+
+def _stop_overdue(d: Draft, spec: JobSpec) -> bool:
+    old = set(d.st.replacing.values())
+    stuck = any(p.uid in old and p.terminating for p in d.pods.values())
+    return stuck and d.st.restart_time is not None and d.now >= d.st.restart_time + _overdue_seconds(d, spec)
+
+
 def launch(d: Draft, missing: list[int]) -> None:
     """A (re)launch of the whole group: the ConfigMap is written before the pods; the first one starts
     the job's clock and shows the spec's warnings."""
     st = d.st
     d.plan.create, d.plan.launch = missing, True
-    st.full_restart, st.replacing, st.restart_time = False, {}, d.now
+    st.full_restart, st.resizing, st.replacing, st.restart_time = False, False, {}, d.now
     if st.start_time is None:
         st.start_time = d.now
         for warning in d.job.warnings:
