@@ -12,20 +12,21 @@ from pydantic import Field
 
 from .config import Section
 
-PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
-PHASES = (PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED)
+PENDING, PREPARING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
+    "Pending", "Preparing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASES = (PENDING, PREPARING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED)
 TERMINAL = (SUCCEEDED, FAILED)
-# One condition per phase but Pending; `kubectl wait --for=condition=Succeeded ltj/x` works.
-CONDITION_TYPES = (RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED)
+# One condition per phase but Pending; `kubectl wait --for=condition=Succeeded ltj/x` works. Preparing: the
+# data preparation stage runs before the workers (or in the worker's init container).
+CONDITION_TYPES = (PREPARING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED)
 
-Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Preparing", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 
 
 class Condition(Section):
     """A standard Kubernetes condition."""
 
-    type: str = Field(description="Running, Restarting, Suspended, Succeeded or Failed.")
+    type: str = Field(description="Preparing, Running, Restarting, Suspended, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str | None = Field(None, description="Why the condition last changed, in CamelCase.")
     message: str | None = Field(None, description="What happened, for people.")
@@ -77,7 +78,7 @@ class Tracking(Section):
 class JobStatus(Section):
     """The observed state of an LLMTrainingJob, written by the operator."""
 
-    phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
+    phase: Phase | None = Field(None, description="Pending, Preparing, Running, Restarting, Suspended, Succeeded or Failed.")
     reason: str | None = Field(None, description="Why the job is in this phase (e.g. InvalidSpec, DeadlineExceeded).")
     message: str | None = Field(None, description="Details of the reason, naming the field or worker.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions, one per phase.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetrain_api.status import CONDITION_TYPES, PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
+from kubetrain_api.status import CONDITION_TYPES, PHASES
 
 from .coerce import as_count, as_dict
 from .timeutil import iso, parse_time
@@ -40,7 +40,7 @@ class Bookkeeping:
     def parse(cls, status: Any) -> Bookkeeping:
         s = as_dict(status)
         t = as_dict(s.get("tracking"))
-        phase = s.get("phase") if s.get("phase") in (PENDING, RUNNING, RESTARTING, SUSPENDED, *TERMINAL) else None
+        phase = s.get("phase") if s.get("phase") in PHASES else None
         return cls(
             phase=phase,
             reason=s.get("reason") if isinstance(s.get("reason"), str) else None,
