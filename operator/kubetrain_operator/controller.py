@@ -54,9 +54,10 @@ class OperatorConfig:
             raw = env.get(f"KUBETRAIN_OPERATOR_{f.name.upper()}")
             if raw is not None and f.name != "planner":
                 values[f.name] = type(getattr(cls(), f.name))(raw)
-        grace = env.get("KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS")
-        if grace is not None:
-            values["planner"] = PlannerConfig(below_min_grace_seconds=float(grace))
+        planner = {f.name: type(getattr(PlannerConfig(), f.name))(env[key]) for f in dataclasses.fields(PlannerConfig)
+                   if (key := f"KUBETRAIN_OPERATOR_{f.name.upper()}") in env}
+        if planner:
+            values["planner"] = PlannerConfig(**planner)
         return cls(**values)
 
 

@@ -20,6 +20,10 @@ RESIZING = "Resizing"  # the reason of a Restarting phase that re-forms the grou
 @dataclass(frozen=True)
 class PlannerConfig:
     below_min_grace_seconds: float = 120.0  # alive workers < minNodes this long → restart all
+    # A failure's survivors: SIGTERM, then SIGKILL after this long. They cannot commit a checkpoint without the
+    # lost rank (its shards are gone), and one blocked in a collective with a vanished peer would otherwise hold
+    # the restart for the whole terminationGracePeriodSeconds (900 s by default).
+    failed_group_grace_seconds: int = 30
     max_backoff_seconds: float = 600.0
 
 

@@ -20,5 +20,7 @@ def test_expectations_cover_the_watch_lag() -> None:
 
 def test_operator_settings_from_the_environment() -> None:
     config = OperatorConfig.from_env({"KUBETRAIN_OPERATOR_RESYNC_SECONDS": "5",
-                                      "KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS": "60"})
+                                      "KUBETRAIN_OPERATOR_BELOW_MIN_GRACE_SECONDS": "60",
+                                      "KUBETRAIN_OPERATOR_FAILED_GROUP_GRACE_SECONDS": "5"})
     assert config.resync_seconds == 5.0 and config.planner.below_min_grace_seconds == 60.0
+    assert config.planner.failed_group_grace_seconds == 5 and config.planner.max_backoff_seconds == 600

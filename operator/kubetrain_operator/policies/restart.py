@@ -3,13 +3,13 @@ backoff, and the restart itself.
 
 A worker that fails, is deleted or disappears restarts the whole group, counted once: every pod runs one
 torchrun round (`--max-restarts=0`, render.torchrun_args), so the survivors cannot go on without it; they
-are stopped with a short grace period (they cannot commit a checkpoint without the lost rank's shards) and
-all relaunch together after the backoff, resuming from the newest committed checkpoint. Whatever else ends
-before the relaunch (the survivors' own exits, as their collectives fail) is part of the same restart. A
-stall and staying below minNodes for longer than the grace period restart all the same way. Each counted
-pod's uid is recorded (tracking.replacing) before anything is deleted, so no failure is counted twice,
-whenever the operator stops. An exit restarting cannot help (classify) fails the job at once, whichever
-worker it is in, even one already stopped for a restart.
+are stopped with a short grace period (PlannerConfig.failed_group_grace_seconds: they cannot commit a
+checkpoint without the lost rank's shards) and all relaunch together after the backoff, resuming from the
+newest committed checkpoint. Whatever else ends before the relaunch (the survivors' own exits, as their
+collectives fail) is part of the same restart. A stall and staying below minNodes for longer than the grace
+period restart all the same way. Each counted pod's uid is recorded (tracking.replacing) before anything is
+deleted, so no failure is counted twice, whenever the operator stops. An exit restarting cannot help
+(classify) fails the job at once, whichever worker it is in, even one already stopped for a restart.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from ..pods import Outcome, classify
 from ..render import pod_name
 from .completion import fail
 
-# The survivors of a failure: SIGTERM, then SIGKILL after this long. They cannot commit a checkpoint without the
-# lost rank (its shards are gone), and one blocked in a collective with a vanished peer would otherwise hold the
-# restart for the whole terminationGracePeriodSeconds (900 s by default).
-FAILED_GROUP_GRACE_SECONDS = 30
 # What an incident's own message says, first: the survivors of a lost peer exit with a plain error.
 _CAUSE_ORDER = ("Lost", "Deleted", "OOMKilled", "Signal", "Preempted")
 
@@ -85,7 +81,7 @@ def count_incidents(d: Draft, spec: JobSpec) -> bool:
         d.event("Warning", f"Worker{outcome.reason}" if outcome.reason != "Lost" else "WorkerLost",
                 f"{outcome.message}; restart {st.restarts} of {spec.run_policy.max_restarts}, "
                 f"all workers in {backoff:g}s")
-    restart_all(d, f"{cause.message}: restarting all workers", grace_seconds=FAILED_GROUP_GRACE_SECONDS)
+    restart_all(d, f"{cause.message}: restarting all workers", grace_seconds=d.cfg.failed_group_grace_seconds)
     return True
 
 

@@ -7,7 +7,7 @@ from kubetrain_api.manifest import JobSpec
 
 from ..draft import Draft
 from ..render import grace_seconds
-from .restart import FAILED_GROUP_GRACE_SECONDS, backoff_seconds, stop_all
+from .restart import backoff_seconds, stop_all
 
 
 def resize(d: Draft, desired: int, previous: int) -> None:
@@ -83,7 +83,7 @@ def create(d: Draft, spec: JobSpec, desired: int) -> None:
 def _overdue_seconds(d: Draft, spec: JobSpec) -> float:
     """How long after the stop a pod still terminating is stuck (its node lost, say): the grace asked for (a
     failure's short one, or the pods' own for a resize's checkpoint), then PlannerConfig's grace."""
-    asked = grace_seconds(spec) if d.st.resizing else FAILED_GROUP_GRACE_SECONDS
+    asked = grace_seconds(spec) if d.st.resizing else d.cfg.failed_group_grace_seconds
     return asked + d.cfg.below_min_grace_seconds
 
 

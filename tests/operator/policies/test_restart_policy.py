@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-from kubetrain_operator.policies.restart import FAILED_GROUP_GRACE_SECONDS, backoff_seconds
+from kubetrain_operator.policies.restart import backoff_seconds
 from support.operator import Sim
 
 
@@ -18,7 +18,7 @@ def test_a_failed_worker_restarts_the_group_once_after_backoff(started: Callable
     sim.set(1, "Failed", exit_code=137, container_reason="Error")
     p = sim.step(1)
     # The survivor cannot go on alone (one torchrun round per pod) nor checkpoint without rank 1: short grace
-    assert {d.name: d.grace_seconds for d in p.delete} == {"job-worker-0": FAILED_GROUP_GRACE_SECONDS,
+    assert {d.name: d.grace_seconds for d in p.delete} == {"job-worker-0": sim.cfg.failed_group_grace_seconds,
                                                            "job-worker-1": None}
     assert sim.restarts == 1 and not p.create and p.restarts == ["Signal"] and sim.phase == "Restarting"
     assert sim.events("WorkerSignal") == [
