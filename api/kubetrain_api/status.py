@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .config import Section
+from .contract import CHECKPOINT_CATALOGUE_MAX
 
 PENDING, PREPARING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Preparing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
@@ -45,6 +46,7 @@ class ProgressStatus(Section):
     max_steps: int | None = Field(None, description="Optimizer steps the job will run.")
     loss: float | None = Field(None, description="Training loss of the last step.")
     eval_loss: float | None = Field(None, description="Validation loss at the last evaluation.")
+    eval_perplexity: float | None = Field(None, description="Validation perplexity at the last evaluation.")
     tokens_per_second: float | None = Field(None, description="Global training throughput.")
     mfu: float | None = Field(None, description="Model FLOPs utilisation (0-1).")
     eta_seconds: float | None = Field(None, description="Estimated seconds to the last step.")
@@ -56,6 +58,14 @@ class ProgressStatus(Section):
 
 class CheckpointStatus(Section):
     step: int | None = Field(None, description="Step of the newest committed checkpoint.")
+    uri: str | None = Field(None, description="Where it is.")
+    time: str | None = Field(None, description="When it was committed (RFC 3339).")
+
+
+class ListedCheckpoint(Section):
+    """A committed checkpoint."""
+
+    step: int | None = Field(None, description="The checkpoint's step.")
     uri: str | None = Field(None, description="Where it is.")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
 
@@ -78,7 +88,8 @@ class Tracking(Section):
 class JobStatus(Section):
     """The observed state of an LLMTrainingJob, written by the operator."""
 
-    phase: Phase | None = Field(None, description="Pending, Preparing, Running, Restarting, Suspended, Succeeded or Failed.")
+    phase: Phase | None = Field(
+        None, description="Pending, Preparing, Running, Restarting, Suspended, Succeeded or Failed.")
     reason: str | None = Field(None, description="Why the job is in this phase (e.g. InvalidSpec, DeadlineExceeded).")
     message: str | None = Field(None, description="Details of the reason, naming the field or worker.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions, one per phase.")
@@ -86,6 +97,9 @@ class JobStatus(Section):
     restarts: int = Field(0, description="Worker restarts so far (each counts toward runPolicy.maxRestarts).")
     progress: ProgressStatus | None = Field(None, description="Training progress read from worker 0.")
     checkpoint: CheckpointStatus | None = Field(None, description="The newest committed checkpoint.")
+    checkpoints: list[ListedCheckpoint] | None = Field(
+        None, max_length=CHECKPOINT_CATALOGUE_MAX,
+        description="The committed checkpoints retention keeps (the newest checkpoint.keep), oldest first.")
     start_time: str | None = Field(None, description="When the workers were first launched (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job succeeded or failed (RFC 3339).")
     observed_generation: int | None = Field(None, description="The metadata.generation last acted on.")

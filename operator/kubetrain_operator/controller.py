@@ -28,7 +28,7 @@ from .kube import Kube
 from .metrics import JobSummary, OperatorMetrics
 from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, observe_pod
-from .progress import progress_patch
+from .progress import gone_report_patch, progress_patch, report_to_keep
 from .render import JobRef, render_configmap, render_pod, render_service
 from .validate import validate_job
 
@@ -76,6 +76,7 @@ class Runtime:
         self.config, self.kube, self.session = config, kube, session
         self.wakeups: dict[JobKey, asyncio.Event] = {}
         self.jobs: dict[JobKey, JobSummary] = {}  # for the metrics, as of each job's last reconcile
+        self.reports: dict[JobKey, ObservedPod] = {}  # an ended worker 0 (its final report), see keep_report
         self.metrics = OperatorMetrics(lambda: dict(self.jobs))
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -105,6 +106,17 @@ class Runtime:
             event.set()
         else:
             self.loop.call_soon_threadsafe(event.set)
+
+
+    def keep_report(self, namespace: str | None, job: str | None, pod: ObservedPod | None) -> None:
+        """Keep an ended worker 0's final report (e.g. its SIGTERM checkpoint) for the job's next reconcile,
+        which applies it once (progress.gone_report_patch): the pod may leave the index (a suspend, a deletion)
+        before any reconcile sees it there. In memory, one per job with a reconcile loop; a report lost with a
+        restarted operator is the trainer's to say again (/progress after a resume)."""
+        key = (namespace or "", job or "")
+        kept = report_to_keep(pod, key[1])
+        if kept is not None and key in self.wakeups:
+            self.reports[key] = kept
 
 
 class Expectations:
@@ -169,8 +181,12 @@ class Reconciler:
             if key not in self.own and self.own:
                 status.pop(key, None)
         now = time.time()
-        p = plan(view, status, self.observed(), now, self.rt.config.planner)
+        kept, pods = self.rt.reports.get(self.key), self.observed()
+        p = plan(view, status, pods, now, self.rt.config.planner)
+        p.status_patch.update(gone_report_patch(status, kept, pods, now))
         await self.execute(view, p)
+        if kept is not None and self.rt.reports.get(self.key) is kept:
+            del self.rt.reports[self.key]  # applied (or read by the planner from the pod): once is enough
         self.rt.jobs[self.key] = JobSummary.of(p.phase, apply_merge_patch(status, p.status_patch or {}))
         self.rt.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         return min(p.requeue_after if p.requeue_after is not None else self.rt.config.resync_seconds,
@@ -264,6 +280,7 @@ async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
         if rt.wakeups.get(reconciler.key) is wake:
             del rt.wakeups[reconciler.key]
         rt.jobs.pop(reconciler.key, None)
+        rt.reports.pop(reconciler.key, None)
 
 
 async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:

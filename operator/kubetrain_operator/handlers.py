@@ -97,7 +97,11 @@ def stage_job_changed(namespace: str | None, labels: Mapping[str, str], memo: An
 
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
-def worker_changed(namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any) -> None:
+async def worker_changed(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any,
+                         **_: Any) -> None:
+    """Wakes the job's reconcile, and keeps an ended worker 0's final report for it (its pod may be gone from
+    the index by then). Async, so it runs in the event loop beside the reconcile loops that read the report."""
+    memo.runtime.keep_report(namespace, labels.get(LABEL_JOB), observe_pod(dict(body)))
     memo.runtime.wake(namespace, labels.get(LABEL_JOB))
 
 
