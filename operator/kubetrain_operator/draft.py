@@ -63,6 +63,7 @@ class Plan:
     requeue_after: float | None = None
     delete_job: bool = False
     restarts: list[str] = field(default_factory=list)  # reasons of the restarts counted now (metrics)
+    prepare: str | None = None  # the data preparation step whose batch Job to create (preparation.py)
 
 
 class Draft:

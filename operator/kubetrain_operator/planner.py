@@ -11,15 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from kubetrain_api.manifest import JobSpec
-from kubetrain_api.status import PENDING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
+from kubetrain_api.status import PENDING, PREPARING, RESTARTING, RUNNING, SUSPENDED, TERMINAL
 
 from .bookkeeping import OWNED, merge_patch, update_conditions
 from .coerce import as_count, as_dict
 from .draft import RESIZING, Deletion, Draft, Event, JobView, Plan, PlannerConfig
 from .pods import ObservedPod
-from .policies import elastic, stall, suspend, time_limits, workers
+from .policies import elastic, preparation, stall, suspend, time_limits, workers
 from .policies.completion import fail, finished, succeed
 from .policies.restart import count_incidents, permanent_failure
+from .preparation import StageView
 from .progress import final_report_patch
 from .render import selector
 from .timeutil import iso_precise
@@ -29,8 +30,10 @@ __all__ = ["Deletion", "Event", "JobView", "Plan", "PlannerConfig", "plan"]
 
 
 def plan(job: JobView, status: Any, pods: list[ObservedPod], now: float,
-         cfg: PlannerConfig | None = None) -> Plan:
-    """What to do now for one job. Never raises on any status or pod state."""
+         cfg: PlannerConfig | None = None, stage: StageView | None = None) -> Plan:
+    """What to do now for one job. Never raises on any status or pod state. `stage`: the data preparation's
+    Jobs and pods as observed (none by default)."""
+    stage = stage or StageView()
     d = Draft(job, status, pods, now, cfg or PlannerConfig())
     st = d.st
     # The size a started job runs at, kept when a resize is refused.
@@ -43,18 +46,19 @@ def plan(job: JobView, status: Any, pods: list[ObservedPod], now: float,
         if d.old_status.get("observedGeneration") != job.generation:
             d.event("Warning", "ScaleRejected", f"{job.error}; staying at {current} workers")
         kept = job.spec.workers.model_copy(update={"nodes": current, "min_nodes": None, "max_nodes": None})
-        _active(d, job.spec.model_copy(update={"workers": kept}))
+        _active(d, job.spec.model_copy(update={"workers": kept}), stage)
     elif job.spec is None or job.error is not None:
         fail(d, "InvalidSpec", job.error or "invalid spec")
     else:
-        _active(d, job.spec)
+        _active(d, job.spec, stage)
     return _finish(d)
 
 
-def _active(d: Draft, spec: JobSpec) -> None:
+def _active(d: Draft, spec: JobSpec, stage: StageView) -> None:
     """A job that should run: the policies in the order that matters. Success and permanent failures
-    first (nothing else matters then), the deadline, suspend; then the size, the restarts counted, the
-    pods to create, below-minNodes, the phase, and a stall (only once running)."""
+    first (nothing else matters then), the deadline, suspend, the data preparation before any worker; then
+    the size, the restarts counted, the pods to create, below-minNodes, the phase, and a stall (only once
+    running)."""
     d.desired = desired = spec.workers.nodes
     st, low = d.st, spec.workers.elastic_range[0]
     p0 = d.pods.get(0)
@@ -69,6 +73,15 @@ def _active(d: Draft, spec: JobSpec) -> None:
     if spec.run_policy.suspend:
         return suspend.suspend(d)
     suspend.resume_if_suspended(d)
+    gated = preparation.gate(d, spec, stage)
+    if gated is not None:
+        if gated.action == "failed":
+            return fail(d, gated.reason, gated.message)
+        if gated.action == "create":
+            d.plan.prepare = gated.step
+            if d.st.phase == PREPARING:  # the next step's Job (the first one's event is the phase's)
+                d.event("Normal", "Preparing", gated.message)
+        return d.set_phase(PREPARING, gated.reason, gated.message)
 
     previous = as_count(as_dict(d.old_status.get("workers")).get("desired"))
     workers.resize(d, desired, desired if previous is None else previous)
@@ -81,6 +94,9 @@ def _active(d: Draft, spec: JobSpec) -> None:
     if d.phase in TERMINAL:
         return
     _decide_phase(d, low, desired)
+    waiting = preparation.init_waiting(spec, stage) if d.phase == PENDING else None
+    if waiting is not None:  # the worker's init container prepares the data
+        d.set_phase(PREPARING, waiting.reason, waiting.message)
     if d.phase == RUNNING and not st.full_restart and stall.check_stall(d, spec):
         _decide_phase(d, low, desired)
 

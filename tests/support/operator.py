@@ -21,6 +21,7 @@ from kubetrain_api.exit_codes import EXIT_PREEMPTED
 from kubetrain_operator.bookkeeping import apply_merge_patch
 from kubetrain_operator.planner import JobView, Plan, PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
+from kubetrain_operator.preparation import JOB_SUFFIXES, StageJob, StageView
 from kubetrain_operator.render import JobRef
 from kubetrain_operator.validate import validate_job
 
@@ -56,6 +57,7 @@ class Sim:
     plans: list[Plan] = field(default_factory=list)
     created: int = 0
     generation: int = 1
+    stage: StageView = field(default_factory=StageView)  # the data preparation's Jobs and pods
     _uids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _last_spec: Any = None
 
@@ -65,7 +67,7 @@ class Sim:
             self.generation += 1  # as the API server does when the spec changes
         self._last_spec = copy.deepcopy(self.spec)
         view = job_view(self.spec, generation=self.generation)
-        p = plan(view, copy.deepcopy(self.status), list(self.pods.values()), self.now, self.cfg)
+        p = plan(view, copy.deepcopy(self.status), list(self.pods.values()), self.now, self.cfg, self.stage)
         self.status = apply_merge_patch(self.status, copy.deepcopy(p.status_patch))
         for d in p.delete:
             victim = next(x for x in self.pods.values() if x.name == d.name)
@@ -77,6 +79,10 @@ class Sim:
             assert i not in self.pods, f"created worker {i} over an existing pod"
             self.pods[i] = pod(i, "Pending", uid=f"uid-{i}-{next(self._uids)}")
             self.created += 1
+        if p.prepare is not None:  # the stage's batch Job, created as the controller would (active: 1 pod)
+            name = view.ref.name + JOB_SUFFIXES[p.prepare]
+            assert name not in {j.name for j in self.stage.jobs}, f"created the Job {name} twice"
+            self.stage.jobs.append(StageJob(name, f"uid-{name}-{next(self._uids)}", p.prepare, active=1))
         self.plans.append(p)
         return p
 
