@@ -28,8 +28,9 @@ from .kube import Kube
 from .metrics import JobSummary, OperatorMetrics
 from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, observe_pod
+from .preparation import StageJob, StageView
 from .progress import gone_report_patch, progress_patch, report_to_keep
-from .render import JobRef, render_configmap, render_pod, render_service
+from .render import JobRef, render_configmap, render_pod, render_service, render_stage_job
 from .validate import validate_job
 
 JobKey = tuple[str, str]  # (namespace, name)
@@ -159,8 +160,11 @@ def owned(status: Any) -> dict[str, Any]:
 
 
 class Reconciler:
-    def __init__(self, rt: Runtime, body: Any, index: Any, logger: logging.Logger | logging.LoggerAdapter[Any]):
+    def __init__(self, rt: Runtime, body: Any, index: Any, logger: logging.Logger | logging.LoggerAdapter[Any],
+                 stage_jobs: Any = None, stage_pods: Any = None):
         self.rt, self.body, self.index, self.logger = rt, body, index, logger
+        self.stage_jobs, self.stage_pods = stage_jobs, stage_pods  # handlers.py's indexes of the data preparation
+        self.stage_created: dict[str, tuple[StageJob, float]] = {}  # our Jobs until the watch shows them
         meta = body.get("metadata") or {}
         self.key: JobKey = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
         self.own = owned(body.get("status"))
@@ -170,6 +174,18 @@ class Reconciler:
     def observed(self) -> list[ObservedPod]:
         store = self.index.get(self.key, []) if self.index is not None else []
         return self.expect.merge(list(store), time.time())
+
+    def stage(self) -> StageView:
+        """The data preparation's Jobs and pods; a Job we created counts as running until the watch shows it."""
+        jobs = list(self.stage_jobs.get(self.key, [])) if self.stage_jobs is not None else []
+        pods = list(self.stage_pods.get(self.key, [])) if self.stage_pods is not None else []
+        seen, now = {j.name for j in jobs}, time.time()
+        for name, (job, since) in list(self.stage_created.items()):
+            if name in seen or now - since > self.rt.config.expectation_seconds:
+                del self.stage_created[name]
+            else:
+                jobs.append(job)
+        return StageView(jobs, pods)
 
     async def once(self) -> float:
         """One reconcile; returns how long to wait at most before the next."""
@@ -182,7 +198,7 @@ class Reconciler:
                 status.pop(key, None)
         now = time.time()
         kept, pods = self.rt.reports.get(self.key), self.observed()
-        p = plan(view, status, pods, now, self.rt.config.planner)
+        p = plan(view, status, pods, now, self.rt.config.planner, self.stage())
         p.status_patch.update(gone_report_patch(status, kept, pods, now))
         await self.execute(view, p)
         if kept is not None and self.rt.reports.get(self.key) is kept:
@@ -197,6 +213,13 @@ class Reconciler:
         kube, metrics = self.rt.kube, self.rt.metrics
         # Creates first (a crash after them is adopted), then the status that records restarts and
         # replaced pods' uids, then the deletions (a crash before them is redone, never double-counted).
+        if p.prepare is not None and view.spec is not None:  # the ConfigMap first: it holds the stage's config
+            await self.ensure_objects(view.ref, view.spec, True)
+            job = render_stage_job(view.ref, view.spec, p.prepare)  # type: ignore[arg-type]
+            made = await kube.create(job)  # None: it exists already (the watch had not shown it yet)
+            name = job["metadata"]["name"]
+            uid = str((made or {}).get("metadata", {}).get("uid") or name)
+            self.stage_created[name] = (StageJob(name, uid, p.prepare, active=1), time.time())
         if p.create and view.spec is not None:
             await self.ensure_objects(view.ref, view.spec, p.launch)
             results = await asyncio.gather(*(kube.create(render_pod(view.ref, view.spec, i)) for i in p.create))
@@ -263,8 +286,9 @@ async def _wait(stopped: Flag, wake: asyncio.Event, timeout: float) -> None:
 
 
 async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
-                         logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-    reconciler = Reconciler(rt, body, index, logger)
+                         logger: logging.Logger | logging.LoggerAdapter[Any],
+                         stage_jobs: Any = None, stage_pods: Any = None) -> None:
+    reconciler = Reconciler(rt, body, index, logger, stage_jobs, stage_pods)
     wake = rt.wakeups[reconciler.key] = asyncio.Event()
     try:
         while not stopped:

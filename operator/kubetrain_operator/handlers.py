@@ -113,7 +113,8 @@ def job_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
 @kopf.daemon(*JOBS, id="reconcile", cancellation_timeout=10)
 async def reconcile(stopped: kopf.DaemonStopped, body: kopf.Body, memo: Any, logger: Logger, **kwargs: Any) -> None:
     """Keeps the job's pods and status in line with its spec, for as long as the job exists."""
-    await reconcile_loop(memo.runtime, body, stopped, kwargs["worker_pods"], logger)
+    await reconcile_loop(memo.runtime, body, stopped, kwargs["worker_pods"], logger, kwargs["stage_jobs"],
+                         kwargs["stage_pods"])
 
 
 @kopf.daemon(*JOBS, id="progress", cancellation_timeout=10)
