@@ -158,7 +158,9 @@ def _finish(d: Draft) -> Plan:
     old = {k: d.old_status[k] for k in OWNED if k in d.old_status}
     d.plan.status_patch = merge_patch(old, new)
     p0 = d.pods.get(0)
-    if p0 is not None and p0.phase == "Succeeded":  # stays until the job is deleted: its report is read once
+    # An ended worker 0 (succeeded, stopped by a suspend or deletion, failed): its final report, only forward,
+    # at every pass while the pod is observed (one gone before a pass saw it: controller.Runtime.keep_report).
+    if p0 is not None and p0.report:
         d.plan.status_patch.update(final_report_patch(d.old_status, p0.report, d.now))
     d.plan.phase = d.phase
     d.plan.requeue_after = min(d.requeue) if d.requeue else None

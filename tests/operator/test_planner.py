@@ -132,3 +132,23 @@ def test_worker_0s_final_report_brings_progress_and_checkpoint_to_the_end(starte
         120, 120, 2.346, 2.5, "done")
     assert sim.status["checkpoint"] == {"step": 120, "uri": "s3://b/job/step-000000120",
                                         "time": "1970-01-01T00:16:40Z"}
+
+
+def test_a_suspended_worker_0s_sigterm_report_moves_the_checkpoint_forward(started: Callable[..., Sim]) -> None:
+    sim = started(workers={"nodes": 1}, training={"globalBatchSize": 8})
+    sim.graceful = True
+    sim.status["progress"], sim.status["checkpoint"] = {"step": 44, "maxSteps": 100}, {"step": 30}
+    sim.spec["runPolicy"]["suspend"] = True
+    sim.step(1)
+    assert sim.phase == "Suspended" and sim.pods[0].terminating
+    entry = {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0}
+    report = {"step": 45, "loss": 2.4, "evalLoss": 2.5, "evalPerplexity": 12.18, "checkpoint": entry,
+              "checkpoints": [entry]}
+    sim.set(0, "Failed", exit_code=143, report=report)  # its container ended after the SIGTERM checkpoint
+    sim.step(1)
+    assert sim.phase == "Suspended" and sim.status["progress"]["step"] == 45
+    assert sim.status["progress"]["evalPerplexity"] == 12.18
+    assert sim.status["checkpoint"] == {"step": 45, "uri": "s3://b/job/step-000000045",
+                                        "time": "1970-01-01T00:16:40Z"}
+    assert sim.status["checkpoints"] == [sim.status["checkpoint"]]
+    JobStatus.model_validate(copy.deepcopy(sim.status))  # the new fields are in the status schema
