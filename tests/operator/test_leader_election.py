@@ -257,18 +257,19 @@ async def test_one_active_replica_hands_over_on_sigterm_and_after_a_crash(
         await wait_until(lambda: gauge_is(b, 1.0), timeout=30, what="b's leader gauge")
         before = kubelet.uids()
         await asyncio.to_thread(kubectl, kubeconfig, "-n", namespace, "delete", "pod", "job-worker-1", "--wait=false")
-        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]), timeout=60,
-                         what="b, now active, to recreate the deleted worker")
+        await wait_until(lambda: len(kubelet.uids()) == 2 and not set(kubelet.uids().values()) & set(before.values()),
+                         timeout=60, what="b, now active, to relaunch the group for the deleted worker")
 
         c = Replica("replica-c", kubeconfig, namespace, tmp_path / "c.log")
         await wait_until(lambda: gauge_is(c, 0.0), timeout=60, what="c's metrics, on standby")
         await stop(b, signal.SIGKILL)  # a crash: nothing released; c waits out the lease duration, then leads
         await wait_until(lambda: holder(kube, namespace).startswith("replica-c_"), timeout=30, what="c to take over")
         await wait_until(lambda: gauge_is(c, 1.0), timeout=30, what="c's leader gauge")
-        await kubelet.run("job-worker-1")
+        relaunched = kubelet.uids()
+        await kubelet.run_all()
         await wait_until(jobs.phase_is("Running"), timeout=30, what="c to reconcile the job")
         assert workers() == ["job-worker-0", "job-worker-1"]  # adopted, not duplicated
-        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
+        assert kubelet.uids() == relaunched
         assert jobs.status()["restarts"] == 1
         assert await stop(c) == 0
     finally:

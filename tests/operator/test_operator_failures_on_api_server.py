@@ -4,8 +4,8 @@ manifests/crd.yaml; the scheduler binds worker pods to a Node that the test keep
 that node's kubelet (support.operator.PlayedKubelet): it writes pod status and finishes graceful deletions.
 
 This file: failures and restarts: a failed, a deleted, a force-deleted worker (each one counted restart,
-the worker recreated), a worker stuck terminating below minNodes, an exit restarting cannot help, and the
-operator itself restarting (mid-creation of the pods; with restarts counted)."""
+the whole group relaunched), a worker stuck terminating on a lost node, an exit restarting cannot help, and
+the operator itself restarting (mid-creation of the pods; with restarts counted)."""
 
 from __future__ import annotations
 
@@ -23,27 +23,37 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("kubeconfig")]
 Launched = Callable[..., Awaitable[None]]  # tests/operator/conftest.py: launched
 
 
-async def test_failed_worker_is_recreated_and_counted(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+def relaunched(kubelet: PlayedKubelet, before: dict[str, str]) -> Callable[[], bool]:
+    """Every worker of `before` exists again, as a new pod."""
+    return lambda: (kubelet.uids().keys() == before.keys()
+                    and not set(kubelet.uids().values()) & set(before.values()))
+
+
+async def test_failed_worker_restarts_the_group_once(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
                                                       namespace: str) -> None:
     async with running_operator(namespace):
         await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
         before = kubelet.uids()
+        kubelet.stuck.add("job-worker-0")  # to see how the survivor is stopped
         kubelet.exit("job-worker-1", 137)
         await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
-        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
-                         what="worker 1 recreated")
-        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]  # the survivor kept running
-        await kubelet.run("job-worker-1")
+        survivor = await wait_until(lambda: (p := kubelet.pods().get("job-worker-0")) and
+                                    p["metadata"].get("deletionTimestamp") and p, what="the survivor stopped")
+        assert survivor["metadata"]["deletionGracePeriodSeconds"] == 1  # fast_config's failed_group_grace_seconds
+        kubelet.exit("job-worker-0", 1)  # its collective failed as rank 1 went: part of the same restart
+        kubelet.stuck.clear()
+        await wait_until(relaunched(kubelet, before), what="both workers relaunched")
+        await kubelet.run_all()
         await wait_until(jobs.phase_is("Running"), what="Running again")
         assert jobs.status()["restarts"] == 1
-        await wait_until(jobs.has_event("WorkerSignal: job-worker-1 was killed by SIGKILL (exit 137); restart 1 of 3"),
-                         what="the event")
+        await wait_until(jobs.has_event("WorkerSignal: job-worker-1 was killed by SIGKILL (exit 137); restart 1 of 3, "
+                                        "all workers in 0s"), what="the event")
 
 
 async def test_deleted_worker_is_replaced_once_it_is_gone(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
                                                           namespace: str, kubeconfig: Path) -> None:
     """`kubectl delete pod` is graceful on a real server: the pod stays Terminating until its kubelet has
-    stopped it. The operator counts it at once, and recreates it only once it is gone."""
+    stopped it. The operator counts it at once, and relaunches the group only once it is gone."""
     async with running_operator(namespace):
         await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
         before = kubelet.uids()
@@ -53,12 +63,12 @@ async def test_deleted_worker_is_replaced_once_it_is_gone(jobs: Jobs, kubelet: P
         await wait_until(jobs.has_event("WorkerDeleted: job-worker-1 is being deleted"), what="the event")
         pod = kubelet.pods()["job-worker-1"]
         assert pod["metadata"]["uid"] == before["job-worker-1"] and pod["metadata"]["deletionTimestamp"]
+        await wait_until(lambda: "job-worker-0" not in kubelet.pods(), what="the survivor stopped")
+        assert "job-worker-0" not in kubelet.pods()  # nothing relaunched while worker 1 is still there
         kubelet.stuck.clear()  # the container stopped: the kubelet deletes the pod
-        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
-                         what="worker 1 recreated")
+        await wait_until(relaunched(kubelet, before), what="both workers relaunched")
         assert "job-worker-1" in kubelet.finished
-        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
-        await kubelet.run("job-worker-1")
+        await kubelet.run_all()
         await wait_until(jobs.phase_is("Running"), what="Running again")
         assert jobs.status()["restarts"] == 1
 
@@ -72,36 +82,32 @@ async def test_force_deleted_worker_is_counted_once_and_recreated(jobs: Jobs, ku
         await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 0}))
         before = kubelet.uids()
         jobs.kube.delete(kubelet.path("job-worker-1"), {"gracePeriodSeconds": 0})
-        await wait_until(lambda: kubelet.uids().get("job-worker-1") not in (None, before["job-worker-1"]),
-                         what="worker 1 recreated")
+        await wait_until(relaunched(kubelet, before), what="both workers relaunched")
         await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
-        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]
         assert "job-worker-1" not in kubelet.finished  # gone at once: no kubelet had to stop it
         seen = ("WorkerLost: job-worker-1 disappeared", "WorkerDeleted: job-worker-1 is being deleted")
         await wait_until(lambda: any(e.startswith(seen) for e in jobs.events()), what="the event")
-        await kubelet.run("job-worker-1")
+        await kubelet.run_all()
         await wait_until(jobs.phase_is("Running"), what="Running again")
         assert jobs.status()["restarts"] == 1
 
 
-async def test_worker_stuck_terminating_is_force_deleted_below_min_nodes(jobs: Jobs, kubelet: PlayedKubelet,
-                                                                         launched: Launched, namespace: str) -> None:
-    """A worker on a lost node: deleted, but Terminating for good (no kubelet finishes it). Below minNodes
-    for longer than the grace period (1 s here), the operator restarts all workers and force-deletes it."""
+async def test_worker_stuck_terminating_is_force_deleted_for_the_relaunch(jobs: Jobs, kubelet: PlayedKubelet,
+                                                                          launched: Launched, namespace: str) -> None:
+    """A worker on a lost node: deleted, but Terminating for good (no kubelet finishes it). Past the failed
+    group's grace and the planner's grace (1 s each here), the operator force-deletes it and relaunches."""
     async with running_operator(namespace):
         await launched(jobs.manifest(workers={"nodes": 2, "minNodes": 2},
-                                                   runPolicy={"restartBackoffSeconds": 0}))
+                                     runPolicy={"restartBackoffSeconds": 0}))
         before = kubelet.uids()
         kubelet.stuck.add("job-worker-1")
-        jobs.kube.delete(kubelet.path("job-worker-1"))
-        await wait_until(jobs.has_event("RestartingAllWorkers: only 1 of minimum 2 workers alive for 1s"),
-                         what="a restart of all workers")
-        await wait_until(lambda: len(kubelet.pods()) == 2 and not set(kubelet.uids().values()) & set(before.values()),
-                         what="both workers relaunched")
+        jobs.kube.delete(kubelet.path("job-worker-1"), {"gracePeriodSeconds": 1})
+        await wait_until(jobs.has_event("ForceDeleted: workers still terminating"), what="a force deletion")
+        await wait_until(relaunched(kubelet, before), what="both workers relaunched")
         assert "job-worker-1" not in kubelet.finished  # the operator's force delete removed it, not the kubelet
         await kubelet.run_all()
         await wait_until(jobs.phase_is("Running"), what="Running again")
-        assert jobs.status()["restarts"] == 2  # the deletion, then the restart of all below minNodes
+        assert jobs.status()["restarts"] == 1  # the deletion; the relaunch is part of it
 
 
 async def test_config_error_fails_at_once_without_retry(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
@@ -117,6 +123,21 @@ async def test_config_error_fails_at_once_without_retry(jobs: Jobs, kubelet: Pla
         assert {c["type"]: c["status"] for c in st["conditions"]}["Failed"] == "True"
         # cleanPodPolicy Running: the running worker goes, the failed one stays for its logs.
         await wait_until(lambda: set(kubelet.pods()) == {"job-worker-1"}, what="running pods cleaned up")
+
+
+async def test_config_error_after_another_workers_exit_still_fails_the_job(jobs: Jobs, kubelet: PlayedKubelet,
+                                                                          launched: Launched, namespace: str) -> None:
+    """Worker 0's collective fails first (exit 1, a restart of all), then worker 1 reports its configuration
+    error: the job fails, no second restart, nothing relaunched."""
+    async with running_operator(namespace):
+        await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 5}))
+        kubelet.stuck.add("job-worker-1")
+        kubelet.exit("job-worker-0", 1)
+        await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+        kubelet.exit("job-worker-1", 2, message="tokenizer.path: the trainer needs a prepared tokenizer")
+        await wait_until(jobs.phase_is("Failed"), what="Failed")
+        st = jobs.status()
+        assert st["reason"] == "ConfigError" and "prepared tokenizer" in st["message"] and st["restarts"] == 1
 
 
 async def test_restart_mid_creation_converges_without_duplicates(jobs: Jobs, kubelet: PlayedKubelet, namespace: str,
@@ -167,4 +188,4 @@ async def test_restart_keeps_counted_restarts(jobs: Jobs, kubelet: PlayedKubelet
         await wait_until(jobs.phase_is("Restarting"), what="Restarting")
         await asyncio.sleep(0.6)  # a few reconciles (resync 0.5 s) with the failure in view
         assert jobs.status()["restarts"] == 1
-        assert jobs.status()["tracking"]["replacing"].keys() == {"1"}
+        assert jobs.status()["tracking"]["replacing"].keys() == {"0", "1"}  # the whole group is restarting

@@ -100,8 +100,10 @@ async def test_suspend_deletes_pods_and_resume_recreates_them(jobs: Jobs, kubele
         assert any(e.startswith("Resumed") for e in jobs.events())
 
 
-async def test_kubectl_scale_adds_and_removes_workers(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
-                                                      namespace: str, kubeconfig: Path) -> None:
+async def test_kubectl_scale_reforms_the_group_at_the_new_size(jobs: Jobs, kubelet: PlayedKubelet, launched: Launched,
+                                                             namespace: str, kubeconfig: Path) -> None:
+    """A scale stops every worker gracefully (their SIGTERM checkpoint) and relaunches the group at the new size
+    once all are gone: not a restart."""
     async def scale(replicas: int, check: bool = True) -> Any:
         return await asyncio.to_thread(kubectl, kubeconfig, "-n", namespace, "scale", "llmtrainingjob/job",
                                        f"--replicas={replicas}", check=check)
@@ -112,14 +114,21 @@ async def test_kubectl_scale_adds_and_removes_workers(jobs: Jobs, kubelet: Playe
         before = kubelet.uids()
         await scale(3)
         assert jobs.get()["spec"]["workers"]["nodes"] == 3  # type: ignore[index]  # specReplicasPath
-        await wait_until(lambda: len(kubelet.pods()) == 3, what="a third worker")
+        await wait_until(lambda: len(kubelet.pods()) == 3, what="three workers")
+        assert sorted(kubelet.finished) == ["job-worker-0", "job-worker-1"]  # each stopped gracefully first
+        assert not set(kubelet.uids().values()) & set(before.values())
         await wait_until(lambda: jobs.status().get("workers", {}).get("desired") == 3, what="desired 3")
+        await kubelet.run_all()
+        await wait_until(jobs.phase_is("Running"), what="Running at 3")
+        three = kubelet.uids()
         await scale(1)
-        await wait_until(lambda: set(kubelet.pods()) == {"job-worker-0"}, what="scaled down to 1")
-        assert kubelet.uids()["job-worker-0"] == before["job-worker-0"]  # scaling never restarts worker 0
+        await wait_until(lambda: set(kubelet.pods()) == {"job-worker-0"} and kubelet.uids()["job-worker-0"] !=
+                         three["job-worker-0"], what="re-formed at 1")
+        await kubelet.run_all()
         await wait_until(lambda: jobs.status().get("workers", {}).get("active") == 1, what="active 1")
+        await wait_until(jobs.phase_is("Running"), what="Running at 1")
         assert jobs.status()["restarts"] == 0
-        assert any(e.startswith("Scaled: workers 3 → 1") for e in jobs.events())
+        assert any(e.startswith("Scaled: workers 3 → 1: checkpointing the current step") for e in jobs.events())
         # Outside minNodes..maxNodes the API server refuses the scale (the CRD's CEL rule), not the operator.
         refused = await scale(4, check=False)
         assert refused.returncode != 0 and "workers.nodes must not exceed workers.maxNodes" in refused.stderr
