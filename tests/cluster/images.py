@@ -89,7 +89,10 @@ def image_from_dockerfile(dockerfile: Path, venv: Path, extra_env: dict[str, str
 
 def _useradd(command: str) -> str | None:
     """The /etc/passwd line that `useradd --uid N [--user-group|--gid G] [--home-dir D] [--shell S] NAME` writes."""
-    words = shlex.split(command)
+    try:  # (RUN split at && and ; may cut a quoted argument, e.g. python -c "a; b": not a useradd)
+        words = shlex.split(command)
+    except ValueError:
+        return None
     if not words or words[0] != "useradd":
         return None
     valued = {"-u": "uid", "--uid": "uid", "-g": "gid", "--gid": "gid", "-d": "home", "--home-dir": "home",

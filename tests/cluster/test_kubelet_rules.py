@@ -27,6 +27,14 @@ def test_image_config_comes_from_the_dockerfile() -> None:
     assert rules.resolve_image("ghcr.io/kubetrain/other:1", {"ghcr.io/kubetrain/operator": image}) is None
 
 
+
+def test_the_trainer_images_env_and_user_come_from_its_dockerfile_whatever_its_run_lines_quote() -> None:
+    """Its RUN lines include python -c "...; ..." (split at ; it is no useradd, and no error)."""
+    image = rules.image_from_dockerfile(ROOT / "trainer" / "Dockerfile", Path("/venv"))
+    assert image.env["KUBETRAIN_CORPORA"] == "/opt/kubetrain/corpora" and image.user == "10001:10001"
+    assert image.users == ["kubetrain:x:10001:10001::/home/kubetrain:/usr/sbin/nologin"]
+
+
 def test_run_as_non_root_refuses_root() -> None:
     image = rules.Image(venv="/v")
     pod = {"spec": {"securityContext": {"runAsNonRoot": True}}}
