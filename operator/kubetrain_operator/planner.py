@@ -93,15 +93,13 @@ def _active(d: Draft, spec: JobSpec, stage: StageView) -> None:
         elastic.check_below_min(d, spec, low)
     if d.phase in TERMINAL:
         return
-    _decide_phase(d, low, desired)
-    waiting = preparation.init_waiting(spec, stage) if d.phase == PENDING else None
-    if waiting is not None:  # the worker's init container prepares the data
-        d.set_phase(PREPARING, waiting.reason, waiting.message)
+    preparing = preparation.init_waiting(spec, stage)  # the worker's init container prepares the data
+    _decide_phase(d, low, desired, preparing)
     if d.phase == RUNNING and not st.full_restart and stall.check_stall(d, spec):
-        _decide_phase(d, low, desired)
+        _decide_phase(d, low, desired, preparing)
 
 
-def _decide_phase(d: Draft, low: int, desired: int) -> None:
+def _decide_phase(d: Draft, low: int, desired: int, preparing: preparation.Decision | None = None) -> None:
     st = d.st
     live = [p for p in d.pods.values() if p.index < desired and p.uid not in d.deleting]
     running = sum(1 for p in live if p.alive and p.phase in ("Running", "Succeeded"))
@@ -120,7 +118,10 @@ def _decide_phase(d: Draft, low: int, desired: int) -> None:
                     f"restart {st.restarts}: {alive}/{desired} workers alive, minimum {low}")
     else:
         waiting = next((f"; {p.name}: {p.waiting}" for p in live if p.waiting), "")
-        d.set_phase(PENDING, "WorkersStarting", f"{running}/{desired} workers running{waiting}"[:1000])
+        if preparing is not None:  # rather than Pending
+            d.set_phase(PREPARING, preparing.reason, preparing.message)
+        else:
+            d.set_phase(PENDING, "WorkersStarting", f"{running}/{desired} workers running{waiting}"[:1000])
 
 
 def _finish(d: Draft) -> Plan:

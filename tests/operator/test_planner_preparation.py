@@ -116,6 +116,10 @@ def test_a_single_workers_init_container_shows_preparing_then_the_job_runs() -> 
     sim.step(1)
     assert sim.phase == "Preparing"
     assert sim.status["message"] == "job-worker-0: preparing the data in its init container before torchrun"
+    for _ in range(3):
+        sim.step(1)
+    assert sim.phase == "Preparing" and len(sim.events("Preparing")) == 1  # one event, no flapping phase
+    assert sim.events("WorkersStarting") == ["WorkersStarting: 0/1 workers running"]  # the first pass only
     sim.stage.pods[:] = [StagePod("job-worker-0", "all", "Succeeded", 0, init=True)]
     sim.run_all()
     sim.step(1)
