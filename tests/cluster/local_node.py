@@ -68,10 +68,11 @@ class LocalNode:
     def lose(self) -> None:
         self._call("POST", "/lose")
 
-    def logs(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """Every run's output of a container of a pod that ran here (current or gone), oldest first."""
+    def logs(self, namespace: str, pod: str, container: str | None = None, uid: str | None = None) -> str:
+        """Every run's output of a container of the pods of that name that ran here (current or gone; with
+        `uid`, of that pod only), each pod's oldest first."""
         out = []
-        for d in sorted((self.state / "pods").glob(f"{namespace}_{pod}_*")):
+        for d in sorted((self.state / "pods").glob(f"{namespace}_{pod}_{uid or '*'}")):
             for cdir in sorted(d.glob("[ci]/*")):
                 if container in (None, cdir.name):
                     for f in sorted(cdir.glob("*.log"), key=lambda p: int(p.stem)):

@@ -7,7 +7,6 @@ Fixtures: tests/e2e/conftest.py; the helpers: tests/support/bed.py."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -103,24 +102,3 @@ def test_suspend_commits_a_sigterm_checkpoint_and_resume_continues_from_it(
     wait_or_explain(resumed, why, 300, f"the resumed trainer to load step {step}")
     wait_or_explain(lambda: progress_step(kube, ns, "pausable") > step, why, 300, "training to go on after the resume")
     assert status(kube, ns, "pausable").get("restarts", 0) == 0  # a suspend is not a failure
-
-
-def test_a_worker_killed_with_sigkill_is_recreated_and_counted(
-        local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
-        tmp_path: Path) -> None:
-    ns = namespace
-    why = long_job_at_step(local_cluster, kube, control_plane, ns, "healing", bed_s3, tmp_path, 2)
-    victim = next(p for p in workers(kube, ns, "healing") if p["metadata"]["name"].endswith("-worker-1"))
-    old_uid = victim["metadata"]["uid"]
-    local_cluster.node(victim["spec"]["nodeName"]).kill(ns, victim["metadata"]["name"], sig=signal.SIGKILL)
-
-    def recreated() -> bool:
-        pods = {p["metadata"]["name"]: p for p in workers(kube, ns, "healing")}
-        new = pods.get("healing-worker-1")
-        return bool(new and new["metadata"]["uid"] != old_uid and new["status"].get("phase") == "Running")
-
-    wait_or_explain(recreated, why, 120, "worker 1 to be recreated and running")
-    wait_or_explain(lambda: status(kube, ns, "healing").get("restarts") == 1, why, 60, "one counted restart")
-    events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=healing")
-    assert any("137" in (e.get("message") or "") or e.get("reason") == "WorkerFailed" for e in events), \
-        [(e.get("reason"), e.get("message")) for e in events]
