@@ -232,8 +232,7 @@ def test_a_job_applied_with_kubectl_is_reconciled_by_the_installed_operator(
         release: Release, kube: Kube, local_cluster: Any, tmp_path: Path) -> None:
     """The worker pod really runs torchrun and the trainer, which rejects its configuration (no tokenizer at that
     path: exit 2, never retried); the operator reads the reason from the pod's termination message and fails
-    the job. One worker: with two, worker 1 (exit 1, torchrun does not pass the code on and only rank 0 records
-    it) may be seen first and counted as a retryable failure."""
+    the job."""
     ns, name = release.jobs, "tiny"
     manifest = {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob", "metadata": {"name": name},
                 "spec": {"model": {"preset": "tiny"}, "tokenizer": {"path": "/nonexistent/tokenizer"},
@@ -243,7 +242,6 @@ def test_a_job_applied_with_kubectl_is_reconciled_by_the_installed_operator(
                          "workers": {"nodes": 1, "procPerNode": 1,
                                      "podTemplate": {"nodeSelector": {"kubetrain.io/local-node": "true"},
                                                      "terminationGracePeriodSeconds": 30}},
-                         # torchrun gets --max-restarts from it: 0, or it runs the trainer again first
                          "runPolicy": {"maxRestarts": 0}}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))

@@ -8,7 +8,6 @@ Fixtures: tests/e2e/conftest.py; the helpers: tests/support/bed.py."""
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from pathlib import Path
@@ -16,36 +15,31 @@ from typing import Any
 
 import pytest
 from cluster.client import Kube
-from support.bed import BUCKET, JOBS, apply, diagnose, manifest, progress_step, secret, status, wait_or_explain, workers
-from support.s3 import MotoServer, objects
+from support.bed import (
+    BUCKET,
+    JOBS,
+    advanced,
+    apply,
+    committed_steps,
+    diagnose,
+    manifest,
+    pod_uids,
+    progress_step,
+    resumed_step,
+    secret,
+    status,
+    wait_or_explain,
+    workers,
+)
+from support.s3 import MotoServer
 
 pytestmark = pytest.mark.slow
-
-
-def committed_steps(s3: MotoServer, ns: str, name: str) -> list[int]:
-    keys = objects(s3.client(), BUCKET, f"{ns}/{name}/")
-    return sorted(int(k.rsplit("/step-", 1)[1][:9]) for k in keys if k.endswith("/COMMITTED"))
 
 
 def pod_logs(local_cluster: Any, kube: Kube, ns: str, name: str) -> dict[str, str]:
     """Each current worker's log (pods not yet on a node have none)."""
     return {p["metadata"]["name"]: local_cluster.node(p["spec"]["nodeName"]).logs(ns, p["metadata"]["name"])
             for p in workers(kube, ns, name) if p["spec"].get("nodeName")}
-
-
-def resumed_step(local_cluster: Any, kube: Kube, ns: str, name: str, uids: set[str]) -> int | None:
-    """The step worker 0 of a group whose pods are none of `uids` resumed from, once it says so."""
-    pods = {p["metadata"]["name"]: p for p in workers(kube, ns, name)}
-    p0 = pods.get(f"{name}-worker-0")
-    if p0 is None or p0["metadata"]["uid"] in uids or not p0["spec"].get("nodeName"):
-        return None
-    log = local_cluster.node(p0["spec"]["nodeName"]).logs(ns, p0["metadata"]["name"], uid=p0["metadata"]["uid"])
-    found = re.search(r"resumed from \S+ at step (\d+)", log)
-    return int(found.group(1)) if found else None
-
-
-def uids(kube: Kube, ns: str, name: str) -> set[str]:
-    return {p["metadata"]["uid"] for p in workers(kube, ns, name)}
 
 
 def test_a_configuration_error_fails_the_job_at_once_and_is_never_retried(
@@ -82,14 +76,14 @@ def test_a_worker_killed_with_sigkill_costs_one_restart_and_resumes_from_its_che
                     "a committed checkpoint")
     at_kill = committed_steps(bed_s3, ns, name)[-1]
     step_at_kill = progress_step(kube, ns, name)
-    group = uids(kube, ns, name)
+    group = pod_uids(kube, ns, name)
     victim = next(p for p in workers(kube, ns, name) if p["metadata"]["name"].endswith("-worker-1"))
     killed_at = time.monotonic()
     local_cluster.node(victim["spec"]["nodeName"]).kill(ns, victim["metadata"]["name"], sig=signal.SIGKILL)
 
     resumed = wait_or_explain(lambda: resumed_step(local_cluster, kube, ns, name, group), why, 240,
                               "the relaunched group to resume")
-    wait_or_explain(lambda: progress_step(kube, ns, name) > resumed and not uids(kube, ns, name) & group, why, 240,
+    wait_or_explain(lambda: advanced(kube, ns, name, step_at_kill, resumed), why, 240,
                     "training to advance after the relaunch")
     heal_seconds = time.monotonic() - killed_at
     # Nothing lost beyond the newest checkpoint committed when the kill came (a later one may have committed)
@@ -115,14 +109,14 @@ def test_scaling_2_1_2_reforms_from_the_step_it_stopped_at_without_a_restart(
     why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731
     wait_or_explain(lambda: progress_step(kube, ns, name) >= 3, why, 300, "training to reach step 3")
     for size in (1, 2):
-        group = uids(kube, ns, name)
+        group, before = pod_uids(kube, ns, name), progress_step(kube, ns, name)
         kube.patch(JOBS.format(ns=ns) + f"/{name}", {"spec": {"workers": {"nodes": size}}})
         resumed = wait_or_explain(lambda g=group: resumed_step(local_cluster, kube, ns, name, g), why, 300,
                                   f"the group re-formed at {size} to resume")
         # The stopped group's SIGTERM checkpoint is the step it stopped at: the resume redoes nothing
         assert committed_steps(bed_s3, ns, name)[-1] == resumed, (committed_steps(bed_s3, ns, name), resumed)
-        wait_or_explain(lambda n=size, r=resumed: len(workers(kube, ns, name)) == n
-                        and progress_step(kube, ns, name) > r, why, 300, f"training at {size} past step {resumed}")
+        wait_or_explain(lambda n=size, b=before, r=resumed: len(workers(kube, ns, name)) == n
+                        and advanced(kube, ns, name, b, r), why, 300, f"training at {size} past step {resumed}")
         st = status(kube, ns, name)
         assert st.get("restarts", 0) == 0 and st["workers"]["desired"] == size, why()
     events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={name}")

@@ -4,14 +4,18 @@ its status and pods, and waits that fail with the job's status, its pods' logs a
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 from cluster.client import Kube, kubectl
 
-from support import TEST_MODEL, job_manifest, wait_for
-from support.s3 import CREDENTIALS, MotoServer
+from support import ROOT, TEST_MODEL, free_port, job_manifest, wait_for
+from support.s3 import CREDENTIALS, MotoServer, objects
 
 BUCKET = "kubetrain-bed"
 JOBS = "/apis/kubetrain.io/v1alpha1/namespaces/{ns}/llmtrainingjobs"
@@ -97,3 +101,63 @@ def long_job_at_step(local_cluster: Any, kube: Kube, control_plane: Any, ns: str
     why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731
     wait_or_explain(lambda: progress_step(kube, ns, name) >= step, why, 300, f"training to reach step {step}")
     return why
+
+
+# --- the bed's servers, for the fixtures (tests/e2e/conftest.py) and bench/elastic_heal.py -------------------
+def start_bed_s3(host: str, prepared: Path, workdir: Path) -> MotoServer:
+    """moto on `host` (the bridge's address, so pods reach it), holding `prepared` (`kubetrain prepare`
+    output) under s3://BUCKET/data/."""
+    server = MotoServer(workdir, host=host)
+    server.start()
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    for path in sorted(prepared.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"data/{path.relative_to(prepared)}")
+    return server
+
+
+def apply_crd(kubeconfig: Path | str) -> None:
+    kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "manifests" / "crd.yaml"))
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd/llmtrainingjobs.kubetrain.io")
+
+
+def start_operator(kubeconfig: Path | str, namespace: str, log_path: Path) -> tuple[subprocess.Popen, IO[bytes]]:
+    """`kubetrain operator -n NAMESPACE` on the host (admin credentials; the chart test runs it in pods),
+    reconciling and reading progress every second; returns the process and its open log."""
+    log = log_path.open("wb")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "1",
+           "KUBETRAIN_OPERATOR_PROGRESS_INTERVAL_SECONDS": "1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "operator", "-n", namespace,
+                             "--metrics-port", str(free_port()), "--liveness-port", "0"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+# --- restarts and resizes ---------------------------------------------------------------------------------
+def committed_steps(s3: MotoServer, ns: str, name: str) -> list[int]:
+    """The steps of the job's committed checkpoints in S3, oldest first."""
+    keys = objects(s3.client(), BUCKET, f"{ns}/{name}/")
+    return sorted(int(k.rsplit("/step-", 1)[1][:9]) for k in keys if k.endswith("/COMMITTED"))
+
+
+def pod_uids(kube: Kube, ns: str, name: str) -> set[str]:
+    return {p["metadata"]["uid"] for p in workers(kube, ns, name)}
+
+
+def resumed_step(local_cluster: Any, kube: Kube, ns: str, name: str, old: set[str]) -> int | None:
+    """The step worker 0 of a group whose pods are none of `old` resumed from, once its log says so."""
+    p0 = next((p for p in workers(kube, ns, name) if p["metadata"]["name"] == f"{name}-worker-0"), None)
+    if p0 is None or p0["metadata"]["uid"] in old or not p0["spec"].get("nodeName"):
+        return None
+    log = local_cluster.node(p0["spec"]["nodeName"]).logs(ns, p0["metadata"]["name"], uid=p0["metadata"]["uid"])
+    found = re.search(r"resumed from \S+ at step (\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def advanced(kube: Kube, ns: str, name: str, before: int, resumed: int) -> bool:
+    """Whether status shows a step of the relaunched group: past the step it resumed from, and no longer the
+    step status showed before the group stopped (what the operator last read from the old group)."""
+    step = progress_step(kube, ns, name)
+    return step != before and step > resumed
