@@ -49,6 +49,21 @@ def test_the_trainer_parses_what_the_operator_renders_and_a_bad_config_exits_2(t
     assert code == EXIT_CONFIG and message is not None and "training.maxSteps" in message
 
 
+def test_every_nodes_first_process_records_the_error_for_its_own_pod(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data": {"train": "/data/train"}, "tokenizer": {"path": "/data/tokenizer"},
+                                  "training": {"maxSteps": 0}}))
+    for rank, local_rank, out in ((3, 0, "node-1"), (4, 1, "node-1-second")):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert train.main(trainer_argv(str(config), str(tmp_path / out))[2:]) == EXIT_CONFIG
+    # Worker 1's pod (global rank 3 is its local rank 0) exits 2 like worker 0's; its other processes write nothing
+    assert entrypoint.trainer_outcome(tmp_path / "node-1" / EVENTS_FILE, 0, 1, False)[0] == EXIT_CONFIG
+    assert not (tmp_path / "node-1-second" / EVENTS_FILE).exists() or \
+        not (tmp_path / "node-1-second" / EVENTS_FILE).read_text()
+
+
 def test_pod_outcome_follows_the_last_final_event() -> None:
     assert pod_outcome(None, 0, True) == (0, None)  # success wins, even after a SIGTERM
     assert pod_outcome({"type": "preempted", "step": 40}, 1, True) == (

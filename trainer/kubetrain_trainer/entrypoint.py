@@ -1,10 +1,10 @@
 """A worker pod's main process: runs torchrun, forwards SIGTERM to it, and exits with the trainer's code.
 
-torchrun exits 1 whatever its workers returned, so the operator could not tell a configuration error
-(exit 2, never retried) from a crash. The trainer records its error and exit code in
-`<output>/events.jsonl` (on the node of global rank 0); this wrapper reads it, exits with that code
-and writes the message to /dev/termination-log, where the operator reads it into the job's status, after
-a first line with the run's final report (its last step, evaluation and checkpoint).
+torchrun exits 1 whatever its workers returned, so the operator could not tell a configuration error (exit
+2, never retried) from a crash. The trainer records its error and exit code in `<output>/events.jsonl` (each
+node's first process records an error there; the rest is rank 0's); this wrapper reads it, exits with that
+code and writes the message to /dev/termination-log, where the operator reads it into the job's status,
+after a first line with the run's final report (its last step, evaluation and checkpoint).
 
     python -m kubetrain_trainer.entrypoint --output DIR -- torchrun ... -m kubetrain_trainer.train ...
 

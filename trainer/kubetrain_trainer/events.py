@@ -1,4 +1,5 @@
-"""events.jsonl: rank 0's append-only JSON-lines log of the run (its kinds and fields are
+"""events.jsonl: rank 0's append-only JSON-lines log of the run (on other nodes only the error, which the first
+process of each node records for its pod's entrypoint; the kinds and fields are
 kubetrain_api.contract's); `kubetrain run`'s progress bar and summary and the pod entrypoint read it."""
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    events = Events(output / EVENTS_FILE if int(os.environ.get("RANK", 0)) == 0 else None)
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    events = Events(output / EVENTS_FILE if rank == 0 else None)
     try:
         from kubetrain_api.config import format_validation_error
         from pydantic import ValidationError
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, output)
         return 0
     except (ConfigError, NonFiniteError, CheckpointFailedError) as exc:
-        events.emit("error", message=str(exc), exitCode=exc.exit_code)
+        # Every pod's entrypoint reports its own exit code from its own node's events.jsonl, so the first process
+        # of every node records the error (rank 0's log alone holds the rest of the run). Else worker 1's pod
+        # exits 1 (torchrun's code) and the operator could count a restart before worker 0's exit 2 shows.
+        node_events = events if rank == 0 else Events(output / EVENTS_FILE if local_rank == 0 else None)
+        node_events.emit("error", message=str(exc), exitCode=exc.exit_code)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
 
