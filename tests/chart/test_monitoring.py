@@ -15,20 +15,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
 from cluster.client import Kube, ns_path
-from support import ROOT, free_port, job_manifest, stop_process, training_spec, wait_until, write_manifest
+from support import ROOT, free_port, job_manifest, training_spec, wait_until, write_manifest
 from support.chart import CHART, rules_file, script, tool
 from support.operator import Jobs, PlayedKubelet
+from support.prometheus import NOT_HERE, api, dashboard_queries, panels_without_data, running
+from support.prometheus import query as query_now
 from support.runs import read_events
 
 JOB = "scrape-demo"
@@ -46,14 +46,7 @@ def variables(namespace: str) -> dict[str, str]:
             "$__interval": "1s", "$__range_s": "30", "$__range": "30s"}
 
 
-# Queries that cannot return data here, each with its reason. Keep this short: anything else must work.
-NOT_HERE = {
-    # No GPU in CI: dcgm-exporter's metrics exist only on GPU nodes.
-    ("training-job", "GPU utilisation", "A"): "DCGM_FI_DEV_GPU_UTIL (dcgm-exporter)",
-    ("training-job", "Tensor core activity", "A"): "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE (dcgm-exporter)",
-    ("training-job", "GPU memory used", "A"): "DCGM_FI_DEV_FB_USED (dcgm-exporter)",
-    ("training-job", "GPU power", "A"): "DCGM_FI_DEV_POWER_USAGE (dcgm-exporter)",
-}
+# The panels that cannot have data here: support.prometheus.NOT_HERE (the GPU panels).
 ALERT_METRICS_NOT_HERE: dict[str, str] = {}
 
 
@@ -96,16 +89,6 @@ def test_promtool_fails_a_wrong_expectation(tmp_path: Path) -> None:
 # --- dashboards -------------------------------------------------------------------------------------------
 
 
-def dashboard_queries() -> list[tuple[tuple[str, str, str], str]]:
-    out = []
-    for path in sorted((CHART / "dashboards").glob("*.json")):
-        board = json.loads(path.read_text())
-        for p in board["panels"]:
-            for t in p.get("targets", []):
-                out.append(((path.stem, p["title"], t["refId"]), t["expr"]))
-    return out
-
-
 def test_dashboards_are_generated_and_well_formed() -> None:
     for name, text in script("dashboards").render().items():
         assert (CHART / "dashboards" / name).read_text() == text, f"{name} drifted: run `make manifests`"
@@ -134,42 +117,21 @@ def test_dashboards_are_generated_and_well_formed() -> None:
 
 
 @contextlib.contextmanager
-def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], rules: Path) -> Any:
+def prometheus(tmp_path: Path, targets: dict[str, tuple[int, dict[str, str]]], rules: Path) -> Iterator[str]:
     """Prometheus on 127.0.0.1 scraping each job's target every second; yields its base URL."""
-    port = free_port()
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
               # honor_labels as the chart's ServiceMonitor sets it: the operator's per-job metrics keep their
               # own namespace label instead of exported_namespace.
               "scrape_configs": [{"job_name": job, "honor_labels": True,
                                   "static_configs": [{"targets": [f"127.0.0.1:{p}"], "labels": labels}]}
                                  for job, (p, labels) in targets.items()]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen([tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--storage.tsdb.retention.time=1h"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
-                time.sleep(0.1)
+    with running(tmp_path, config) as base:
         yield base
-    finally:
-        stop_process(proc, timeout=20)
-        log.close()
 
 
-async def query(http: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
-    async with http.get(f"{base}/api/v1/query", params={"query": expr}) as resp:
-        body = await resp.json()
-    assert body["status"] == "success", f"{expr}: {body}"
-    return list(body["data"]["result"])
+async def query(base: str, expr: str) -> list[dict[str, Any]]:
+    """An instant query, off the event loop (the played kubelet runs in it)."""
+    return await asyncio.to_thread(query_now, base, expr)
 
 
 @contextlib.asynccontextmanager
@@ -268,66 +230,43 @@ async def test_every_panel_and_alert_reads_real_metrics(prepared: Path, tmp_path
     rules = rules_file(tmp_path / "rules.yaml")
     targets = {"kubetrain-training": (trainer_port, training_labels(namespace)),
                OPERATOR_JOB: (operator_port, {"namespace": "kubetrain", "pod": "kubetrain-operator-0"})}
-    async with aiohttp.ClientSession() as http:
-        with prometheus(tmp_path, targets, rules) as base:
-            async with training_run(tmp_path, prepared, trainer_port) as out, \
-                    operator_process(tmp_path, Path(control_plane.kubeconfig), namespace, operator_port):
-                await wait_until(lambda: query(http, base, "kubetrain_operator_leader == 1"), timeout=60,
-                                 what="the operator to lead")
-                await operator_scenario(jobs, kubelet, trainer_port, operator_port)
-                await wait_until(lambda: query(http, base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
-                                 timeout=60, what="a /progress read in Prometheus")
-                kubelet.exit(f"{JOB}-worker-1", 137)  # a restart, counted by reason
-                # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
-                await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
-                                 what="two checkpoints of the training run")
-                await wait_until(lambda: query(http, base, "kubetrain_operator_restarts_total"), timeout=30,
-                                 what="the restart in Prometheus")
-                await wait_until(lambda: query(http, base, "kubetrain_operator_errors_total"), timeout=30,
-                                 what="the failed reconcile in Prometheus")
-                await check_queries(http, base, rules, tmp_path / "queries.json", variables(namespace))
+    with prometheus(tmp_path, targets, rules) as base:
+        async with training_run(tmp_path, prepared, trainer_port) as out, \
+                operator_process(tmp_path, Path(control_plane.kubeconfig), namespace, operator_port):
+            await wait_until(lambda: query(base, "kubetrain_operator_leader == 1"), timeout=60,
+                             what="the operator to lead")
+            await operator_scenario(jobs, kubelet, trainer_port, operator_port)
+            await wait_until(lambda: query(base, 'kubetrain_operator_progress_reads_total{result="ok"}'),
+                             timeout=60, what="a /progress read in Prometheus")
+            kubelet.exit(f"{JOB}-worker-1", 137)  # a restart, counted by reason
+            # Enough for rates and checkpoint/eval events: two checkpoints after the first one.
+            await wait_until(lambda: sum(1 for _ in read_events(out, "checkpoint")) >= 2, timeout=120,
+                             what="two checkpoints of the training run")
+            await wait_until(lambda: query(base, "kubetrain_operator_restarts_total"), timeout=30,
+                             what="the restart in Prometheus")
+            await wait_until(lambda: query(base, "kubetrain_operator_errors_total"), timeout=30,
+                             what="the failed reconcile in Prometheus")
+            await check_queries(base, rules, tmp_path / "queries.json", variables(namespace))
 
 
-async def panels_without_data(http: aiohttp.ClientSession, base: str, variables: dict[str, str],
-                              report: Path | None = None) -> list[str]:
-    empty, answers = [], {}
-    for key, expr in dashboard_queries():
-        for name, value in sorted(variables.items(), key=lambda kv: -len(kv[0])):  # $__range_s before $__range
-            expr = expr.replace(name, value)
-        result = await query(http, base, expr)
-        answers[" / ".join(key)] = {"expr": expr, "result": result}
-        if key in NOT_HERE:
-            continue
-        if not any(r["value"][1] != "NaN" for r in result):  # nothing, or only 0/0
-            empty.append(f"{key}: {expr} -> {result}")
-        for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b(?=\{|\[| \)|\))", expr)):
-            if not await query(http, base, f'count({{__name__="{metric}"}})'):
-                empty.append(f"{key}: metric {metric} does not exist")
-    if report is not None:
-        report.write_text(json.dumps(answers, indent=1))  # what each panel showed, for a look after a failure
-    return empty
-
-
-async def check_queries(http: aiohttp.ClientSession, base: str, rules: Path, report: Path,
-                        variables: dict[str, str]) -> None:
+async def check_queries(base: str, rules: Path, report: Path, variables: dict[str, str]) -> None:
     # Rates need a few scrapes of the latest checkpoint and eval: wait (a while at most) for every panel.
     async def complete() -> bool:
-        return not await panels_without_data(http, base, variables)
+        return not await asyncio.to_thread(panels_without_data, base, variables)
 
     with contextlib.suppress(AssertionError):
         await wait_until(complete, timeout=20, what="every panel to have data")
-    empty = await panels_without_data(http, base, variables, report)
+    empty = await asyncio.to_thread(panels_without_data, base, variables, report)
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
     for group in yaml.safe_load(rules.read_text())["groups"]:
         for rule in group["rules"]:
             for metric in set(re.findall(r"\b(kubetrain_[a-z_]+|up)\b", rule["expr"])) - set(ALERT_METRICS_NOT_HERE):
-                if not await query(http, base, f'count({{__name__="{metric}"}})'):
+                if not await query(base, f'count({{__name__="{metric}"}})'):
                     empty.append(f"{rule['alert']}: {metric}")
     assert not empty, "alerts read metrics that do not exist:\n" + "\n".join(empty)
 
     # Prometheus itself loaded the chart's rules and evaluates every one without error.
-    async with http.get(f"{base}/api/v1/rules") as resp:
-        groups = (await resp.json())["data"]["groups"]
+    groups = (await asyncio.to_thread(api, base, "rules"))["groups"]
     health = {r["name"]: (r["health"], r.get("lastError", "")) for g in groups for r in g["rules"]}
     assert len(health) == 6 and all(h == "ok" for h, _ in health.values()), health
