@@ -52,8 +52,8 @@ TERMINATION_MESSAGE_CHARS = 3500  # the kubelet keeps 4096 bytes; leave room for
 EventKind = Literal["start", "step", "eval", "checkpoint", "checkpoint_failed", "preempted", "error", "done"]
 EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
 # Fields: step {step, loss, lr, gradNorm, tokensPerSecond, mfu, seconds, dataWait, eta}; eval {step, loss,
-# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path, checkpoints (the catalogue after
-# it)}; checkpoint_failed {step, error};
+# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path, committedAt (unix seconds, the time the
+# catalogue and /progress give it), checkpoints (the catalogue after it)}; checkpoint_failed {step, error};
 # preempted {step (the committed one), uncommittedStep?}; error {message, exitCode}; done (results.json).
 
 
@@ -143,8 +143,9 @@ def final_report(events: list[dict[str, Any]], succeeded: bool) -> Progress:
         elif kind == "eval":
             report["evalLoss"], report["evalPerplexity"] = event.get("loss"), event.get("perplexity")
         elif kind == "checkpoint" and isinstance(event.get("step"), int):
+            when = event.get("committedAt", event.get("time"))  # (the event is written after the commit)
             report["checkpoint"] = {"step": event["step"], "uri": str(event.get("path") or ""),
-                                    "time": float(event.get("time") or 0.0)}
+                                    "time": float(when) if isinstance(when, (int, float)) else 0.0}
             if isinstance(event.get("checkpoints"), list):
                 report["checkpoints"] = event["checkpoints"]
     if succeeded and report:

@@ -107,10 +107,10 @@ def test_the_final_report_travels_in_the_termination_message_ahead_of_the_messag
     events = [{"type": "start"}, {"type": "step", "step": 44, "loss": 2.5},
               {"type": "eval", "loss": 2.75, "perplexity": 15.64},
               {"type": "step", "step": 45, "loss": 2.4},
-              {"type": "checkpoint", "step": 45, "path": "s3://b/job/step-000000045", "time": 1000.0,
-               "checkpoints": listed},
+              {"type": "checkpoint", "step": 45, "path": "s3://b/job/step-000000045", "time": 1000.7,
+               "committedAt": 1000.0, "checkpoints": listed},
               {"type": "preempted", "step": 45}]
-    report = final_report(events, succeeded=False)
+    report = final_report(events, succeeded=False)  # the commit's time, as in the catalogue, not the event's
     assert report == {"step": 45, "loss": 2.4, "evalLoss": 2.75, "evalPerplexity": 15.64,
                       "checkpoint": {"step": 45, "uri": "s3://b/job/step-000000045", "time": 1000.0},
                       "checkpoints": listed}

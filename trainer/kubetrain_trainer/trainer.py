@@ -331,7 +331,7 @@ class Trainer:
                                      checkpointFailures=self.checkpoint_failures)
             self.events.emit("checkpoint", step=result.step, seconds=result.total_seconds,
                              blockedSeconds=result.blocked_seconds, bytes=result.bytes_written, path=info["uri"],
-                             checkpoints=catalogue)
+                             committedAt=info["time"], checkpoints=catalogue)
             log.info("checkpoint step %d committed: %.2fs in all, %.3fs blocking, %.1f MB", result.step,
                      result.total_seconds, result.blocked_seconds, result.bytes_written / 1e6)
         else:
