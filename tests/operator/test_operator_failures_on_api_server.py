@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cluster.client import kubectl, ns_path
 from support import wait_until
-from support.operator import Jobs, PlayedKubelet, running_operator
+from support.operator import Jobs, PlayedKubelet, fast_config, running_operator
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("kubeconfig")]
 Launched = Callable[..., Awaitable[None]]  # tests/operator/conftest.py: launched
@@ -128,12 +128,17 @@ async def test_config_error_fails_at_once_without_retry(jobs: Jobs, kubelet: Pla
 async def test_config_error_after_another_workers_exit_still_fails_the_job(jobs: Jobs, kubelet: PlayedKubelet,
                                                                           launched: Launched, namespace: str) -> None:
     """Worker 0's collective fails first (exit 1, a restart of all), then worker 1 reports its configuration
-    error: the job fails, no second restart, nothing relaunched."""
-    async with running_operator(namespace):
+    error: the job fails, no second restart, nothing relaunched. (A long planner grace: worker 1, stuck
+    terminating, must not be force-deleted before it reports.)"""
+    async with running_operator(namespace, fast_config(below_min_grace_seconds=60.0)):
         await launched(jobs.manifest(runPolicy={"restartBackoffSeconds": 5}))
         kubelet.stuck.add("job-worker-1")
         kubelet.exit("job-worker-0", 1)
         await wait_until(lambda: jobs.status().get("restarts") == 1, what="a counted restart")
+        # Its container ends after the operator's SIGTERM (a pod already Failed when the delete arrives is removed
+        # at once by the API server, before anyone reads its exit code)
+        await wait_until(lambda: kubelet.pods()["job-worker-1"]["metadata"].get("deletionTimestamp"),
+                         what="worker 1 stopped")
         kubelet.exit("job-worker-1", 2, message="tokenizer.path: the trainer needs a prepared tokenizer")
         await wait_until(jobs.phase_is("Failed"), what="Failed")
         st = jobs.status()
