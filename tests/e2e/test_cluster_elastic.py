@@ -56,9 +56,11 @@ def test_a_configuration_error_fails_the_job_at_once_and_is_never_retried(
     st = status(kube, ns, "misconfigured")
     assert (st["reason"], st.get("restarts", 0)) == ("ConfigError", 0), why()
     assert "tokenizer" in st["message"], st["message"]
-    events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=misconfigured")
-    assert any(e.get("reason") == "ConfigError" and "tokenizer" in (e.get("message") or "") for e in events), \
-        [(e.get("reason"), e.get("message")) for e in events]
+    def config_error_event() -> bool:  # (Kopf posts events in the background: they may follow the status)
+        events = kube.list(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=misconfigured")
+        return any(e.get("reason") == "ConfigError" and "tokenizer" in (e.get("message") or "") for e in events)
+
+    wait_or_explain(config_error_event, why, 60, "the ConfigError event")
     for name, log in pod_logs(local_cluster, kube, ns, "misconfigured").items():
         assert log.count("Traceback") <= 1 and "Restarting workers" not in log, f"{name}:\n{log[-3000:]}"
 
