@@ -206,6 +206,10 @@ class CheckpointSpec(Section):
             raise ValueError(f"checkpoint.uri scheme {scheme}:// is not supported; use s3://, file:// or a path")
         if self.uri is not None and self.uri.startswith("s3://") and len(self.uri.rstrip("/")) <= len("s3://"):
             raise ValueError("checkpoint.uri: s3:// needs a bucket, e.g. s3://my-bucket/jobs/llama/")
+        if self.uri is not None and self.uri.startswith("s3://") and not self.uri[5:].strip("/").count("/"):
+            # A job cleans up (aborts uploads, deletes debris) under its prefix: a whole bucket is not its own.
+            raise ValueError(f"checkpoint.uri: {self.uri} names a whole bucket; give the job a prefix of its own, "
+                             f"e.g. {self.uri.rstrip('/')}/jobs/<name>/")
         return self
 
     @property
