@@ -8,7 +8,7 @@ from typing import Any
 
 from kubetrain_api.status import CONDITION_TYPES, PHASES
 
-from .coerce import as_count, as_dict
+from .coerce import as_count, as_dict, is_digits
 from .timeutil import iso, parse_time
 
 # The status fields the planner writes (the rest, progress and checkpoint, are the progress loop's).
@@ -51,7 +51,7 @@ class Bookkeeping:
             start_time=parse_time(s.get("startTime")),
             completion_time=parse_time(s.get("completionTime")),
             launched=as_count(t.get("launched")) or 0,
-            replacing={k: v for k, v in as_dict(t.get("replacing")).items() if k.isdigit() and isinstance(v, str)},
+            replacing={k: v for k, v in as_dict(t.get("replacing")).items() if is_digits(k) and isinstance(v, str)},
             last_failure=parse_time(t.get("lastFailureTime")),
             below_min_since=parse_time(t.get("belowMinSince")),
             restart_time=parse_time(t.get("restartTime")),

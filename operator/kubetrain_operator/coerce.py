@@ -40,3 +40,9 @@ def as_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def is_digits(value: Any) -> bool:
+    """A string of ASCII digits 0-9 only: str.isdigit() also takes "²" or "٣", which int() then refuses or reads
+    as another number."""
+    return isinstance(value, str) and value.isascii() and value.isdigit()

@@ -9,7 +9,7 @@ from typing import Any
 from kubetrain_api.contract import parse_termination_message
 from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
 
-from .coerce import as_dict, as_int, as_list, as_str
+from .coerce import as_dict, as_int, as_list, as_str, is_digits
 from .render import CONTAINER, LABEL_INDEX
 from .timeutil import parse_time
 
@@ -47,7 +47,7 @@ class ObservedPod:
 
 def replica_index(labels: Any) -> int | None:
     raw = labels.get(LABEL_INDEX) if isinstance(labels, dict) else None
-    return int(raw) if isinstance(raw, str) and raw.isdigit() else None
+    return int(raw) if is_digits(raw) else None
 
 
 def observe_pod(body: Any) -> ObservedPod | None:
