@@ -31,6 +31,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.reporting_component = "kubetrain-operator"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300  # re-list every few minutes: level-triggered even if a watch drops
+    # Kopf's own calls: its default is 5 minutes per request and no connect timeout, so a half-open connection
+    # would stall a patch for that long; a watch is cut off a minute past the server's own timeout.
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 5
+    settings.watching.connect_timeout = 5
+    settings.watching.client_timeout = settings.watching.server_timeout + 60
     settings.execution.max_workers = 4
     # No CRD/namespace scanning: the served namespaces are named (or all), and the chart installs the CRD
     # before the operator, so Kopf needs no cluster-wide list/watch on namespaces or CRDs (least privilege).
