@@ -5,7 +5,7 @@ or None, so the parsers that use them never raise on a malformed body."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 
 def as_dict(value: Any) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def as_number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def is_digits(value: Any) -> bool:
+def is_digits(value: Any) -> TypeGuard[str]:
     """A string of ASCII digits 0-9 only: str.isdigit() also takes "²" or "٣", which int() then refuses or reads
     as another number."""
     return isinstance(value, str) and value.isascii() and value.isdigit()
