@@ -22,15 +22,23 @@ PLURAL = "llmtrainingjobs"
 SHORT_NAMES = ["ltj", "llmjob"]
 
 
+# Bounds on what one job may ask for, in the CRD schema and in validation alike: the shared operator works in
+# proportion to them (a job is one of many it serves), and a Kubernetes cluster runs at most a few thousand nodes.
+MAX_NODES = 10_000
+MAX_SECONDS = 10 * 365 * 24 * 3600
+MAX_URI = 1024
+
+
 class ManifestError(Exception):
     """An invalid manifest; the message names each bad field and the fix."""
 
 
 class WorkersSpec(Section):
-    nodes: int = Field(1, ge=1, description="Worker pods (one torchrun agent each) to start.")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Worker pods (one torchrun agent each) to start.")
     min_nodes: int | None = Field(
-        None, ge=1, description="Fewest nodes to train with (elastic); default: nodes.")
-    max_nodes: int | None = Field(None, ge=1, description="Most nodes the job may scale to. Default: nodes.")
+        None, ge=1, le=MAX_NODES, description="Fewest nodes to train with (elastic); default: nodes.")
+    max_nodes: int | None = Field(None, ge=1, le=MAX_NODES,
+                                  description="Most nodes the job may scale to. Default: nodes.")
     proc_per_node: int = Field(1, ge=1, le=64, description="Training processes per node (usually GPUs per node).")
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Container resources (requests/limits), e.g. nvidia.com/gpu: 8.")
@@ -56,15 +64,18 @@ class WorkersSpec(Section):
 
 
 class RunPolicy(Section):
-    max_restarts: int = Field(5, ge=0, description="Worker restarts allowed before the job fails.")
+    max_restarts: int = Field(5, ge=0, le=10_000, description="Worker restarts allowed before the job fails.")
     restart_backoff_seconds: int = Field(
-        10, ge=0, description="First restart delay; doubles per restart (max 10 min).")
-    active_deadline_seconds: int | None = Field(None, gt=0, description="Fail the job after this long running.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it ends.")
+        10, ge=0, le=3600, description="First restart delay; doubles per restart (max 10 min).")
+    active_deadline_seconds: int | None = Field(None, gt=0, le=MAX_SECONDS,
+                                                description="Fail the job after this long running.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=MAX_SECONDS,
+                                                   description="Delete the job this long after it ends.")
     suspend: bool = Field(False, description="Delete the pods (after a checkpoint) and hold the job; false resumes.")
     clean_pod_policy: Literal["Running", "All", "None"] = Field(
         "Running", description="Pods deleted when the job ends.")
-    stall_timeout_seconds: int | None = Field(1800, gt=0, description="Restart workers when the step stalls this long.")
+    stall_timeout_seconds: int | None = Field(1800, gt=0, le=MAX_SECONDS,
+                                              description="Restart workers when the step stalls this long.")
 
 
 class PreparationSpec(Section):
@@ -72,8 +83,8 @@ class PreparationSpec(Section):
     `kubetrain run` prepares under its output and ignores this section."""
 
     uri: str | None = Field(
-        None, description="Where the prepared data and tokenizer go: an s3:// prefix, or a path on a volume "
-        "every pod mounts (workers.podTemplate). Default: <checkpoint.uri>/prepared/.")
+        None, max_length=MAX_URI, description="Where the prepared data and tokenizer go: an s3:// prefix, or a "
+        "path on a volume every pod mounts (workers.podTemplate). Default: <checkpoint.uri>/prepared/.")
     parts: int = Field(1, ge=1, le=1000, description="Pods the tokenisation fans out over (an Indexed Job; each "
                        "takes every N-th input file); the tokenizer is trained once before, one index merged after.")
 
@@ -86,7 +97,7 @@ class PreparationSpec(Section):
 
 
 class JobSpec(TrainerConfig):
-    image: str | None = Field(None, description="Trainer image (clusters only).")
+    image: str | None = Field(None, max_length=512, description="Trainer image (clusters only).")
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     preparation: PreparationSpec = Field(default_factory=PreparationSpec)

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from .config import Section
 from .contract import CHECKPOINT_CATALOGUE_MAX
+from .manifest import MAX_URI
 
 PENDING, PREPARING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Preparing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
@@ -58,7 +59,7 @@ class ProgressStatus(Section):
 
 class CheckpointStatus(Section):
     step: int | None = Field(None, description="Step of the newest committed checkpoint.")
-    uri: str | None = Field(None, description="Where it is.")
+    uri: str | None = Field(None, max_length=MAX_URI, description=f"Where it is (at most {MAX_URI} characters).")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
 
 
@@ -66,7 +67,7 @@ class ListedCheckpoint(Section):
     """A committed checkpoint."""
 
     step: int | None = Field(None, description="The checkpoint's step.")
-    uri: str | None = Field(None, description="Where it is.")
+    uri: str | None = Field(None, max_length=MAX_URI, description=f"Where it is (at most {MAX_URI} characters).")
     time: str | None = Field(None, description="When it was committed (RFC 3339).")
 
 

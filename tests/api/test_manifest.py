@@ -89,3 +89,20 @@ def test_manifest_file_may_hold_other_documents(tmp_path: Path) -> None:
     path = tmp_path / "all.yaml"
     path.write_text(yaml.safe_dump_all([secret, job_manifest(spec=training_spec(tmp_path), name="second")]))
     assert load_manifest(path).metadata.name == "second"
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("workers", "maxNodes", 10**7), ("workers", "nodes", 10_001), ("workers", "minNodes", 10_001),
+    ("runPolicy", "restartBackoffSeconds", 2**62), ("runPolicy", "activeDeadlineSeconds", 2**62),
+    ("runPolicy", "ttlSecondsAfterFinished", 2**62), ("runPolicy", "stallTimeoutSeconds", 2**62),
+    ("runPolicy", "maxRestarts", 2**62), ("preparation", "uri", "s3://b/" + "x" * 2000),
+])
+def test_sizes_a_shared_operator_works_in_proportion_to_are_bounded(section: str, field: str, value: object) -> None:
+    """A job is one of many the operator serves: what it may ask for is bounded, here and in the CRD schema
+    generated from these models (kubetrain crd), so that the API server refuses more."""
+    raw = {"data": {"train": "x"}, section: {field: value}}
+    if field == "maxNodes":
+        raw[section]["nodes"] = 1
+    with pytest.raises(ManifestError, match=f"spec.{section}.{field}: "):
+        parse_manifest({"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob",
+                        "metadata": {"name": "x"}, "spec": raw})
