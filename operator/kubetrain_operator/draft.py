@@ -11,6 +11,7 @@ from kubetrain_api.status import FAILED, PENDING, RESTARTING
 
 from .bookkeeping import Bookkeeping
 from .coerce import as_dict
+from .ownership import ownership
 from .pods import ObservedPod
 from .render import JobRef, pod_name
 
@@ -25,6 +26,9 @@ class PlannerConfig:
     # the restart for the whole terminationGracePeriodSeconds (900 s by default).
     failed_group_grace_seconds: int = 30
     max_backoff_seconds: float = 600.0
+    # A deleted pod whose containers ended this long ago and that is still there is held by a finalizer: it
+    # counts as gone, and its replacement gets another name (Draft.name_for). A kubelet removes one in seconds.
+    held_pod_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Plan:
     requeue_after: float | None = None
     delete_job: bool = False
     restarts: list[str] = field(default_factory=list)  # reasons of the restarts counted now (metrics)
+    names: dict[int, str] = field(default_factory=dict)  # a created worker's name where it is not pod_name's
     prepare: str | None = None  # the data preparation step whose batch Job to create (preparation.py)
 
 
@@ -74,9 +79,23 @@ class Draft:
         self.job, self.now, self.cfg = job, now, cfg
         self.old_status = as_dict(status)
         self.st = Bookkeeping.parse(status)
-        # Only pods with the name we would give them belong to the job (labels alone could be copied).
-        self.pods = {p.index: p for p in sorted(pods, key=lambda p: p.index)
-                     if p.name == pod_name(job.ref, p.index)}
+        # The job's pods: named as we name them and controlled by this job (ownership.py); at an index held by a
+        # finalizer, the pod that replaced it. `stale`: an earlier job's of this name; `taken`: names not free.
+        self.pods: dict[int, ObservedPod] = {}
+        self.stale: list[ObservedPod] = []
+        self.taken: dict[int, set[str]] = {}
+        self.held_uids = {p.uid for p in pods if p.ended_while_terminating and now >= cfg.held_pod_seconds + (
+            p.finished_at if p.finished_at is not None else p.deletion_time if p.deletion_time is not None else now)}
+        for p in sorted(pods, key=lambda p: (p.index, not self.held(p))):
+            if not is_worker_name(p.name, job.ref, p.index):
+                continue
+            whose = ownership(p.owner, p.managed, job.ref)
+            if whose == "stale":
+                self.stale.append(p)
+            if whose != "ours" or self.held(p):
+                self.taken.setdefault(p.index, set()).add(p.name)
+            if whose == "ours" and (p.index not in self.pods or self.held(self.pods[p.index])):
+                self.pods[p.index] = p
         self.plan = Plan(phase=self.st.phase or PENDING)
         self.deleting: set[str] = set()
         self.phase, self.reason, self.message = self.st.phase or PENDING, self.st.reason or "", self.st.message or ""
@@ -93,6 +112,18 @@ class Draft:
         self.deleting.add(pod.uid)
         self.plan.delete.append(Deletion(pod.name, pod.uid, force, None if force else grace_seconds))
 
+    def held(self, pod: ObservedPod) -> bool:
+        """Deleted, its containers ended long ago (PlannerConfig.held_pod_seconds), and still there: a finalizer
+        holds it. Nothing runs in it, but its name is taken."""
+        return pod.uid in self.held_uids
+
+    def name_for(self, index: int) -> str:
+        """The name of a new pod for worker `index`: pod_name's, or where that name is still held (a finalizer on a
+        deleted pod, another's pod), the first of `<name>-1`, `<name>-2`, ... that is free. Its hostname stays
+        pod_name's (render.render_pod), so the rendezvous address does not change."""
+        base, taken = pod_name(self.job.ref, index), self.taken.get(index, set())
+        return next(n for k in range(len(taken) + 1) if (n := base if k == 0 else f"{base}-{k}") not in taken)
+
     def wake_at(self, when: float | None) -> None:
         if when is not None:
             self.requeue.append(max(0.0, when - self.now))
@@ -102,3 +133,10 @@ class Draft:
             kind = "Warning" if phase == FAILED or (phase == RESTARTING and reason != RESIZING) else "Normal"
             self.event(kind, reason or phase, message or phase)
         self.phase, self.reason, self.message = phase, reason, message
+
+
+def is_worker_name(name: str, job: JobRef, index: int) -> bool:
+    """pod_name's, or Draft.name_for's alternative for a name still held."""
+    base = pod_name(job, index)
+    return name == base or (name.startswith(base + "-") and name[len(base) + 1:].isascii()
+                            and name[len(base) + 1:].isdigit())

@@ -22,7 +22,7 @@ from .policies.completion import fail, finished, succeed
 from .policies.restart import count_incidents, permanent_failure
 from .preparation import StageView
 from .progress import final_report_patch
-from .render import selector
+from .render import pod_name, selector
 from .timeutil import iso_precise
 
 # The planner's interface; the types live in draft.py beside the Draft the policies edit.
@@ -163,6 +163,7 @@ def _finish(d: Draft) -> Plan:
     # at every pass while the pod is observed (one gone before a pass saw it: controller.Runtime.keep_report).
     if p0 is not None and p0.report:
         d.plan.status_patch.update(final_report_patch(d.old_status, p0.report, d.now))
+    d.plan.names = {i: name for i in d.plan.create if (name := d.name_for(i)) != pod_name(job.ref, i)}
     d.plan.phase = d.phase
     d.plan.requeue_after = min(d.requeue) if d.requeue else None
     return d.plan

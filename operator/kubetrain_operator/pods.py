@@ -10,7 +10,8 @@ from kubetrain_api.contract import parse_termination_message
 from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
 
 from .coerce import as_dict, as_int, as_list, as_str, is_digits
-from .render import CONTAINER, LABEL_INDEX
+from .ownership import Owner, controller_of, managed_by_us
+from .render import CONTAINER, LABEL_INDEX, LABEL_JOB
 from .timeutil import parse_time
 
 ALIVE_PHASES = ("Pending", "Running", "Unknown")
@@ -23,7 +24,9 @@ class ObservedPod:
     uid: str
     phase: str = "Pending"
     terminating: bool = False
-    deletion_time: float | None = None
+    deletion_time: float | None = None  # when its deletion was asked for
+    deletion_deadline: float | None = None  # when its grace period ends (deletionTimestamp)
+    finished_at: float | None = None  # when its container ended (terminated.finishedAt)
     exit_code: int | None = None
     container_reason: str | None = None  # terminated.reason: Error, OOMKilled, Completed...
     termination_message: str | None = None
@@ -34,11 +37,19 @@ class ObservedPod:
     waiting: str | None = None  # why it is not running yet: unschedulable, image pull...
     # The final report at the head of an ended container's termination message (kubetrain_api.contract).
     report: dict[str, Any] | None = field(default=None, hash=False)
+    owner: Owner | None = None  # the controller ownerReference: whose pod it is (ownership.py)
+    managed: bool = False  # it carries our labels (an earlier job's pod of this name may)
 
     @property
     def alive(self) -> bool:
         """Counts toward the job's size: pending, running or finished well, and not going away."""
         return not self.terminating and self.phase in (*ALIVE_PHASES, "Succeeded")
+
+    @property
+    def ended_while_terminating(self) -> bool:
+        """Deleted, and its containers have ended: its kubelet removes it next, unless a finalizer holds it
+        (draft.Draft.held)."""
+        return self.terminating and self.phase in ("Failed", "Succeeded")
 
     @property
     def ended_badly(self) -> bool:
@@ -62,6 +73,7 @@ def observe_pod(body: Any) -> ObservedPod | None:
     # A real API server always sets a uid; without one, name + creation time still tell pods apart.
     uid = as_str(meta.get("uid")) or f"{name}@{meta.get('creationTimestamp') or ''}"
     exit_code = reason = message = waiting = None
+    finished_at: float | None = None
     report: dict[str, Any] | None = None
     for cs in as_list(status.get("containerStatuses")):
         if not isinstance(cs, dict) or cs.get("name") != CONTAINER:
@@ -71,6 +83,7 @@ def observe_pod(body: Any) -> ObservedPod | None:
         if term:
             exit_code, reason = as_int(term.get("exitCode")), as_str(term.get("reason"))
             message, report = parse_termination_message(as_str(term.get("message")))
+            finished_at = parse_time(term.get("finishedAt"))
         wait = as_dict(state.get("waiting"))
         if wait and as_str(wait.get("reason")) not in (None, "ContainerCreating", "PodInitializing"):
             waiting = f"{wait.get('reason')}: {wait.get('message') or ''}".rstrip(": ")
@@ -85,16 +98,19 @@ def observe_pod(body: Any) -> ObservedPod | None:
     deletion = meta.get("deletionTimestamp")
     # deletionTimestamp is when the grace period ends (the request's time + deletionGracePeriodSeconds):
     # the deletion was asked for that many seconds before it.
-    deletion_time = parse_time(deletion)
+    deadline = deletion_time = parse_time(deletion)
     if deletion_time is not None:
         deletion_time -= as_int(meta.get("deletionGracePeriodSeconds")) or 0
     phase = as_str(status.get("phase")) or "Pending"
     return ObservedPod(
         name=name, index=index, uid=uid, phase=phase,
-        terminating=deletion is not None, deletion_time=deletion_time,
+        terminating=deletion is not None, deletion_time=deletion_time, deletion_deadline=deadline,
+        finished_at=finished_at,
         exit_code=exit_code, container_reason=reason, termination_message=message,
         pod_reason=as_str(status.get("reason")), pod_message=as_str(status.get("message")),
         ready=ready and phase == "Running", ip=as_str(status.get("podIP")), waiting=waiting, report=report,
+        owner=controller_of(meta),
+        managed=managed_by_us(meta, as_str(as_dict(meta.get("labels")).get(LABEL_JOB)) or ""),
     )
 
 

@@ -18,7 +18,9 @@ from typing import Any
 
 from cluster.client import ApiError, Kube, ns_path
 from kubetrain_api.exit_codes import EXIT_PREEMPTED
+from kubetrain_api.manifest import API_VERSION, KIND
 from kubetrain_operator.bookkeeping import apply_merge_patch
+from kubetrain_operator.ownership import Owner
 from kubetrain_operator.planner import JobView, Plan, PlannerConfig, plan
 from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.preparation import JOB_SUFFIXES, StageJob, StageView
@@ -36,6 +38,8 @@ def job_view(spec: Any, name: str = "job", namespace: str = "default", uid: str 
 
 
 def pod(index: int, phase: str = "Running", *, job: str = "job", uid: str | None = None, **fields: Any) -> ObservedPod:
+    """A worker pod of job_view's job (controlled by it, with our labels) unless `owner`/`managed` say otherwise."""
+    fields = {"owner": Owner(API_VERSION, KIND, job, "uid-job"), "managed": True, **fields}
     return ObservedPod(name=f"{job}-worker-{index}", index=index, uid=uid or f"uid-{index}", phase=phase, **fields)
 
 
@@ -60,19 +64,27 @@ class Sim:
     stage: StageView = field(default_factory=StageView)  # the data preparation's Jobs and pods
     _uids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _last_spec: Any = None
+    _ended_terminating: set[str] = field(default_factory=set)
 
     def step(self, advance: float = 0.0) -> Plan:
         self.now += advance
         if self._last_spec is not None and self._last_spec != self.spec:
             self.generation += 1  # as the API server does when the spec changes
         self._last_spec = copy.deepcopy(self.spec)
+        # A deleted pod whose containers have ended is gone by the next pass (its kubelet's final delete; no
+        # finalizers here).
+        self.pods = {i: x for i, x in self.pods.items() if x.uid not in self._ended_terminating}
+        self._ended_terminating = {x.uid for x in self.pods.values() if x.ended_while_terminating}
         view = job_view(self.spec, generation=self.generation)
         p = plan(view, copy.deepcopy(self.status), list(self.pods.values()), self.now, self.cfg, self.stage)
         self.status = apply_merge_patch(self.status, copy.deepcopy(p.status_patch))
         for d in p.delete:
             victim = next(x for x in self.pods.values() if x.name == d.name)
-            if self.graceful and not d.force:
-                self.pods[victim.index] = replace(victim, terminating=True, deletion_time=self.now)
+            # (a real API server removes a pod that has ended at once: only a finalizer would keep it)
+            if self.graceful and not d.force and victim.phase not in ("Failed", "Succeeded"):
+                grace = d.grace_seconds if d.grace_seconds is not None else 900
+                self.pods[victim.index] = replace(victim, terminating=True, deletion_time=self.now,
+                                                  deletion_deadline=self.now + grace)
             else:
                 del self.pods[victim.index]
         for i in p.create:
@@ -94,7 +106,7 @@ class Sim:
             self.set(i, "Running", ready=True)
 
     def gone(self, index: int) -> None:
-        del self.pods[index]
+        self.pods.pop(index, None)  # (a deleted pod that had ended may be gone already)
 
     @property
     def phase(self) -> str | None:

@@ -81,7 +81,12 @@ def count_incidents(d: Draft, spec: JobSpec) -> bool:
         d.event("Warning", f"Worker{outcome.reason}" if outcome.reason != "Lost" else "WorkerLost",
                 f"{outcome.message}; restart {st.restarts} of {spec.run_policy.max_restarts}, "
                 f"all workers in {backoff:g}s")
-    restart_all(d, f"{cause.message}: restarting all workers", grace_seconds=d.cfg.failed_group_grace_seconds)
+    # A worker being deleted gracefully (a drain, an eviction) or stopped after its checkpoint is taking the
+    # group's SIGTERM checkpoint with it: the others get their own grace period too, so that it can commit
+    # (all ranks write their shards). After a failure they cannot, and get the short one.
+    graceful = all(outcome.reason in ("Deleted", "Preempted") for _, _, outcome in incidents)
+    restart_all(d, f"{cause.message}: restarting all workers",
+                grace_seconds=None if graceful else d.cfg.failed_group_grace_seconds)
     return True
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from kubetrain_api.manifest import JobSpec
 
 from ..draft import Draft
-from ..render import grace_seconds
+from ..pods import ObservedPod
 from .restart import backoff_seconds, stop_all
 
 
@@ -33,9 +33,13 @@ def resize(d: Draft, desired: int, previous: int) -> None:
 
 def create(d: Draft, spec: JobSpec, desired: int) -> None:
     """The pods missing now, by the case the job is in (see the module's docstring); bookkeeping
-    `launched` ends as the count of workers launched, which later losses are counted against."""
+    `launched` ends as the count of workers launched, which later losses are counted against. A pod held by a
+    finalizer after its containers ended counts as gone (its replacement gets another name); an earlier job's
+    pods of the same names are deleted and waited for."""
     st = d.st
-    present = {p.index for p in d.pods.values()}
+    if _stale_pods_in_the_way(d):
+        return
+    present = {p.index for p in d.pods.values() if not d.held(p)}
     missing = [i for i in range(desired) if i not in present]
     backoff_until = None
     if st.last_failure is not None and st.restarts:
@@ -44,22 +48,22 @@ def create(d: Draft, spec: JobSpec, desired: int) -> None:
     backed_off = backoff_until is None or d.now >= backoff_until
     if st.full_restart:  # relaunch together once every old pod is gone (they checkpoint on SIGTERM)
         old = set(st.replacing.values())
-        overdue = _stop_overdue(d, spec)
+        overdue = _stop_overdue(d)
         for pod in d.pods.values():
-            if pod.uid in old:
-                d.delete(pod, force=overdue and pod.terminating)
-        if overdue:
+            if pod.uid in old and not d.held(pod):
+                d.delete(pod, force=overdue and pod.terminating and not _forced(pod))
+        if overdue and any(_overdue_at(d, p) is not None and not _forced(p) for p in d.pods.values()):
             d.event("Warning", "ForceDeleted", "workers still terminating long after their grace period "
                     "(a lost node?): force-deleted to relaunch")
-        elif st.restart_time is not None:
-            d.wake_at(st.restart_time + _overdue_seconds(d, spec))
-        if any(p.uid in old for p in d.pods.values()):
+        elif (due := _next_overdue(d)) is not None:
+            d.wake_at(due)
+        if any(p.uid in old and not d.held(p) for p in d.pods.values()):
             return
         if not backed_off:
             return d.wake_at(backoff_until)
         launch(d, missing)
     elif st.launched == 0:  # first launch or resume: adopt live pods, wait for terminating ones
-        if any(p.terminating for p in d.pods.values()):
+        if any(p.terminating and not d.held(p) for p in d.pods.values()):
             return
         launch(d, missing)
     else:
@@ -73,24 +77,56 @@ def create(d: Draft, spec: JobSpec, desired: int) -> None:
         if missing and not d.plan.create:
             return
         # Scaled up over a worker still leaving from a scale-down: launched stops below it.
-        leaving = [i for i in range(st.launched, desired) if i in d.pods and d.pods[i].terminating]
+        leaving = [i for i in range(st.launched, desired) if i in d.pods and d.pods[i].terminating
+                   and not d.held(d.pods[i])]
         if leaving:
             st.launched = min(leaving)
             return
     st.launched = desired
 
 
-def _overdue_seconds(d: Draft, spec: JobSpec) -> float:
-    """How long after the stop a pod still terminating is stuck (its node lost, say): the grace asked for (a
-    failure's short one, or the pods' own for a resize's checkpoint), then PlannerConfig's grace."""
-    asked = grace_seconds(spec) if d.st.resizing else d.cfg.failed_group_grace_seconds
-    return asked + d.cfg.below_min_grace_seconds
+def _stale_pods_in_the_way(d: Draft) -> bool:
+    """An earlier job of this name left pods (deleted with --cascade=orphan, or not yet collected): they are not
+    this job's, and must not be taken for its workers (their exits, their checkpoints). Delete them, and create
+    nothing until they are gone; held ones (a finalizer) only keep their names."""
+    waiting = [p for p in d.stale if not d.held(p)]
+    if not waiting:
+        return False
+    if any(not p.terminating for p in waiting):
+        d.event("Warning", "StalePods", f"{', '.join(p.name for p in waiting)}: left by an earlier job of this name "
+                f"(not this job's): deleting them before the workers start")
+    for p in waiting:
+        d.delete(p, grace_seconds=d.cfg.failed_group_grace_seconds)
+    return True
 
 
-def _stop_overdue(d: Draft, spec: JobSpec) -> bool:
-    old = set(d.st.replacing.values())
-    stuck = any(p.uid in old and p.terminating for p in d.pods.values())
-    return stuck and d.st.restart_time is not None and d.now >= d.st.restart_time + _overdue_seconds(d, spec)
+def _overdue_at(d: Draft, pod: ObservedPod) -> float | None:
+    """When a pod of the group being stopped is stuck terminating, PlannerConfig.below_min_grace_seconds after
+    its grace period should have ended. A pod still ready (its kubelet reports it) has its own grace period (the
+    deletionTimestamp): a drain's or a resize's long one is honoured, so its SIGTERM checkpoint is not cut
+    short. One that is not (its node lost, say) has at most a failure's short one from the restart."""
+    if not pod.terminating or d.held(pod) or pod.uid not in set(d.st.replacing.values()):
+        return None
+    short = d.st.restart_time + d.cfg.failed_group_grace_seconds if d.st.restart_time is not None else None
+    own = pod.deletion_deadline
+    if own is None or (not pod.ready and short is not None):
+        end = short if own is None else min(own, short)  # type: ignore[type-var]
+    else:
+        end = own
+    return None if end is None else end + d.cfg.below_min_grace_seconds
+
+
+def _forced(pod: ObservedPod) -> bool:
+    """Already deleted with grace 0 (by us, or kubectl --force): a second force delete changes nothing."""
+    return pod.deletion_deadline is not None and pod.deletion_deadline == pod.deletion_time
+
+
+def _next_overdue(d: Draft) -> float | None:
+    return min((t for p in d.pods.values() if (t := _overdue_at(d, p)) is not None), default=None)
+
+
+def _stop_overdue(d: Draft) -> bool:
+    return any((t := _overdue_at(d, p)) is not None and d.now >= t for p in d.pods.values())
 
 
 def launch(d: Draft, missing: list[int]) -> None:

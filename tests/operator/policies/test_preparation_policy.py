@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetrain_api.manifest import JobSpec
+from kubetrain_api.manifest import API_VERSION, KIND, JobSpec
 from kubetrain_operator.policies.preparation import Decision, decide, decide_init, gate, init_waiting
 from kubetrain_operator.preparation import StageJob, StagePod
 from support import spec_dict
@@ -81,6 +81,7 @@ def _draft(s: JobSpec, pods: list[Any] | None = None) -> Any:
 
 
 def test_the_gate_holds_the_workers_until_the_stage_is_done_and_never_once_they_run() -> None:
+    from kubetrain_operator.ownership import Owner
     from kubetrain_operator.pods import ObservedPod
     from kubetrain_operator.preparation import StageView
 
@@ -90,7 +91,7 @@ def test_the_gate_holds_the_workers_until_the_stage_is_done_and_never_once_they_
     running = StageView([StageJob("tiny-prepare", "u1", "all", active=1)])
     assert gate(_draft(s), s, running).action == "wait"  # type: ignore[union-attr]
     assert gate(_draft(s), s, StageView([StageJob("tiny-prepare", "u1", "all", complete=True)])) is None
-    worker = ObservedPod("tiny-worker-0", 0, "w0", phase="Running")
+    worker = ObservedPod("tiny-worker-0", 0, "w0", phase="Running", owner=Owner(API_VERSION, KIND, "tiny", "uid-1"))
     assert gate(_draft(s, [worker]), s, StageView()) is None  # a launched group already has its data
     prepared = JobSpec.model_validate(spec_dict())
     assert gate(_draft(prepared), prepared, StageView()) is None
