@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ from .metrics import JobSummary, OperatorMetrics
 from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, observe_pod
 from .preparation import StageJob, StageView
-from .progress import gone_report_patch, progress_patch, report_to_keep
+from .progress import fetch_progress, gone_report_patch, progress_patch, report_to_keep
 from .render import JobRef, render_configmap, render_pod, render_service, render_stage_job
 from .validate import validate_job
 
@@ -305,18 +304,6 @@ async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
             del rt.wakeups[reconciler.key]
         rt.jobs.pop(reconciler.key, None)
         rt.reports.pop(reconciler.key, None)
-
-
-async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:
-    """The JSON at `url`, or None when it does not answer 200 with a JSON object in time."""
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                return None
-            data = json.loads(await resp.read())
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 async def progress_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,

@@ -3,18 +3,48 @@
 
 The final report is in an ended worker 0's termination message. The planner reads it from the pod while
 the pod is in the index; a pod that ends and is removed before a reconcile sees it (a suspend, a deletion)
-leaves its report with the controller (`report_to_keep`), which applies it once (`gone_report_patch`)."""
+leaves its report with the controller (`report_to_keep`), which applies it once (`gone_report_patch`).
+
+`fetch_progress` is the GET itself, bounded: whatever a pod serves on its metrics port is read by the operator that
+serves every job, from the operator's network position."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+import aiohttp
 from kubetrain_api.contract import CHECKPOINT_CATALOGUE_MAX, PROGRESS_NUMBERS
+from kubetrain_api.manifest import MAX_URI
 
 from .coerce import as_count, as_dict, as_list, as_number
 from .pods import ObservedPod
 from .render import JobRef, pod_name
 from .timeutil import iso, iso_precise, parse_time
+
+# The trainer's reply is about 1 KB (contract.PROGRESS_KEYS and a catalogue of CHECKPOINT_CATALOGUE_MAX entries).
+MAX_PROGRESS_BYTES = 16 * 1024
+
+
+async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:
+    """The JSON object at `url`, or None when it does not answer 200 with one in time. At most
+    MAX_PROGRESS_BYTES are read; a redirect is not followed (it could point the operator anywhere) and a
+    compressed body is not inflated (a small gzip body can inflate to gigabytes): both count as no answer."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                               auto_decompress=False, headers={"Accept-Encoding": "identity"}) as resp:
+            if resp.status != 200 or resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+                return None
+            if (resp.content_length or 0) > MAX_PROGRESS_BYTES:
+                return None
+            body = await resp.content.read(MAX_PROGRESS_BYTES + 1)
+            if len(body) > MAX_PROGRESS_BYTES:
+                return None
+            data = json.loads(body)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def progress_patch(status: Any, data: Any, now: float) -> dict[str, Any]:
@@ -60,7 +90,8 @@ def checkpoint_entry(value: Any) -> dict[str, Any] | None:
     if step is None:
         return None
     when = parse_time(entry.get("time"))
-    return {"step": step, "uri": entry.get("uri") if isinstance(entry.get("uri"), str) else None,
+    uri = entry.get("uri")
+    return {"step": step, "uri": uri[:MAX_URI] if isinstance(uri, str) else None,
             "time": iso(when) if when is not None else None}
 
 

@@ -1,21 +1,33 @@
 """progress.py: the trainer's /progress (served by global rank 0) and worker 0's final report → the job's
 status.progress, status.checkpoint and status.checkpoints patch; which ended worker 0's report the controller
-keeps for a reconcile that no longer sees the pod."""
+keeps for a reconcile that no longer sees the pod; the GET itself (fetch_progress) against real local HTTP
+servers serving what a hostile pod could."""
 
 from __future__ import annotations
 
+import gzip
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
+import aiohttp
+import pytest
+from aiohttp import web
 from kubetrain_api.contract import CHECKPOINT_CATALOGUE_MAX
 from kubetrain_operator.pods import ObservedPod
 from kubetrain_operator.progress import (
+    MAX_PROGRESS_BYTES,
     catalogue,
+    checkpoint_entry,
+    fetch_progress,
     final_report_patch,
     gone_report_patch,
     progress_patch,
     readable,
     report_to_keep,
 )
+from support import free_port
 
 
 def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
@@ -94,3 +106,86 @@ def test_the_report_of_an_ended_worker_0_is_kept_until_a_reconcile_that_no_longe
     assert gone_report_patch(status, ended, [], 1.0)["checkpoint"]["step"] == 45
     assert gone_report_patch(status, ended, [ended], 1.0) == {}  # still observed: the planner reads it
     assert gone_report_patch(status, None, [], 1.0) == {}
+
+
+@asynccontextmanager
+async def serving(handler: Callable[[web.Request], web.StreamResponse], seen: list[str]) -> AsyncIterator[str]:
+    """A real HTTP server on 127.0.0.1 answering every path with `handler`; `seen` gets each path it is asked."""
+
+    async def recorded(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        return await handler(request)  # type: ignore[misc]
+
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", recorded)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def fetched(url: str) -> dict[str, object] | None:
+    async with aiohttp.ClientSession() as session:  # as the operator's Runtime makes it: aiohttp's defaults
+        return await fetch_progress(session, url + "/progress", 2.0)
+
+
+@pytest.mark.asyncio
+async def test_a_progress_reply_is_read() -> None:
+    async def ok(_: web.Request) -> web.Response:
+        return web.json_response({"step": 3})
+
+    async with serving(ok, []) as url:
+        assert await fetched(url) == {"step": 3}
+
+
+@pytest.mark.asyncio
+async def test_a_redirect_is_not_followed() -> None:
+    """A 302 would make the operator fetch any URL from its own network position."""
+    elsewhere: list[str] = []
+
+    async def secret(_: web.Request) -> web.Response:
+        return web.json_response({"step": 1, "secret": "the cloud metadata service"})
+
+    async with serving(secret, elsewhere) as target:
+        async def redirect(_: web.Request) -> web.Response:
+            raise web.HTTPFound(target + "/latest/meta-data/")
+
+        async with serving(redirect, []) as url:
+            assert await fetched(url) is None
+    assert elsewhere == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", ["declared", "chunked"])
+async def test_a_compressed_or_oversized_body_is_not_inflated_or_read(size: str) -> None:
+    """A 1 MB gzip body inflates to 1 GB: a compressed reply is no answer, and at most MAX_PROGRESS_BYTES are read."""
+    asked: list[str] = []
+    bomb = gzip.compress(b'{"step": 1, "pad": "' + b" " * (64 * MAX_PROGRESS_BYTES) + b'"}')
+
+    async def gzipped(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("Accept-Encoding", ""))
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    async def huge(_: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if size == "declared":
+            resp.content_length = 2 * MAX_PROGRESS_BYTES
+        await resp.prepare(_)
+        await resp.write(b'{"step": 1, "pad": "' + b" " * (2 * MAX_PROGRESS_BYTES - 22) + b'"}')
+        return resp
+
+    async with serving(gzipped, []) as url:
+        assert await fetched(url) is None
+    assert asked == ["identity"]
+    async with serving(huge, []) as url:
+        assert await fetched(url) is None
+
+
+def test_a_checkpoint_uri_in_status_is_capped() -> None:
+    entry = checkpoint_entry({"step": 1, "uri": "s3://b/" + "x" * 10_000})
+    assert entry is not None and len(entry["uri"]) == 1024
+    assert len(json.dumps(progress_patch({}, {"step": 1, "checkpoint": {"step": 1, "uri": "x" * 10**6}}, 0.0))) < 2000
