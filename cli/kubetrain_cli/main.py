@@ -109,7 +109,7 @@ def _operator(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise SystemExit(f"kubetrain operator: --lease-duration: {exc}") from None
     return run_operator(args.namespace, args.all_namespaces, args.liveness_port, args.metrics_port, args.verbose,
-                        election)
+                        election, args.unhealthy_after)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
-    p.add_argument("--liveness-port", type=int, default=8080, help="Kopf liveness endpoint /healthz (0: off)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics of the operator")
+    # The chart's defaults too; not 9090, Prometheus' own port (an operator beside it could not start).
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="the operator's /metrics and /healthz (503 once the API server stops answering)")
+    p.add_argument("--liveness-port", type=int, default=8081, help="Kopf liveness endpoint /healthz (0: off)")
+    p.add_argument("--unhealthy-after", type=float, default=60.0, metavar="SECONDS",
+                   help="/healthz says 503 after the API server has not answered for this long")
     p.add_argument("--leader-elect", action="store_true",
                    help="high availability: only the replica holding a coordination.k8s.io Lease is active")
     p.add_argument("--lease-name", default="kubetrain-operator", help="the Lease's name")

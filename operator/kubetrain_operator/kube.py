@@ -4,6 +4,10 @@ Responses are read as JSON (decoding into generated models costs more than the r
 tolerate AlreadyExists, deletes tolerate NotFound, and every patch says its Content-Type: a dict body
 to kubernetes_asyncio's patch_* is otherwise sent as application/json-patch+json, which a real API
 server rejects (400) for a merge-style body.
+
+Every call has a timeout (kubernetes_asyncio's default is none at all: a half-open connection would hang
+a reconcile forever). A timeout or a connection failure is a KubeError with status 0, not retried here:
+the caller's loop retries at its own pace. Watches are Kopf's (handlers.configure sets its timeouts).
 """
 
 from __future__ import annotations
@@ -11,14 +15,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubetrain_api.manifest import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 RETRYABLE = (429, 500, 502, 503, 504)
+# Seconds: to connect (TCP and TLS), and for a whole request. The API server answers a plain GET in
+# milliseconds; writes may wait on admission webhooks (10 s by default each), hence the longer total.
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 30.0
 
 
 class KubeError(Exception):
@@ -28,7 +39,8 @@ class KubeError(Exception):
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient, concurrency: int = 64, retries: int = 4):
+    def __init__(self, api_client: client.ApiClient, concurrency: int = 64, retries: int = 4,
+                 request_timeout: float = REQUEST_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT):
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -36,9 +48,15 @@ class Kube:
         self.coordination = client.CoordinationV1Api(api_client)
         self._limit = asyncio.Semaphore(concurrency)
         self._retries = retries
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
+        self.last_answer = time.monotonic()  # when the API server last answered (any status): /healthz
+
+    @property
+    def server(self) -> str:
+        return str(self.api.configuration.host)
 
     @classmethod
-    async def connect(cls, concurrency: int = 64) -> Kube:
+    async def connect(cls, concurrency: int = 64, request_timeout: float = REQUEST_TIMEOUT) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
         cfg = client.Configuration()
         try:
@@ -47,7 +65,7 @@ class Kube:
             # kubernetes_asyncio reads $KUBECONFIG once, at import; read it now.
             await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
         cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, concurrency)
-        return cls(client.ApiClient(cfg), concurrency)
+        return cls(client.ApiClient(cfg), concurrency, request_timeout=request_timeout)
 
     async def close(self) -> None:
         await self.api.close()
@@ -57,15 +75,21 @@ class Kube:
         for attempt in range(self._retries + 1):
             async with self._limit:
                 try:
-                    resp = await method(*args, _preload_content=False, **kwargs)
+                    resp = await method(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # no answer: no status to retry on
+                    raise _unanswered(exc, self._timeout.total) from exc
                 except ApiException as exc:  # raised by kubernetes_asyncio for transport-level failures
                     body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
                     status, text = exc.status or 0, str(body or exc.reason or "")
                 else:
                     try:
                         status, text = resp.status, await resp.text()
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        raise _unanswered(exc, self._timeout.total) from exc
                     finally:
                         resp.release()
+                if status:
+                    self.last_answer = time.monotonic()
             if 200 <= status < 300:
                 return json.loads(text) if text else {}
             if status not in RETRYABLE or attempt == self._retries:
@@ -73,6 +97,11 @@ class Kube:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+    async def ping(self) -> dict[str, Any]:
+        """GET /version: whether the API server answers, with these credentials (an invalid token is a 401).
+        Every client may read it (the built-in system:public-info-viewer role): no RBAC rule needed."""
+        return dict(await self._call(client.VersionApi(self.api).get_code))
 
     # creation and deletion -------------------------------------------------------------------------
 
@@ -99,6 +128,28 @@ class Kube:
             return True
         except KubeError as exc:
             if exc.status == 404:
+                return False
+            raise
+
+    async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """The LLMTrainingJobs in `namespace` (None: in every namespace)."""
+        if namespace is None:
+            found = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
+        else:
+            found = await self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)
+        return list(found.get("items") or [])
+
+    async def remove_job_finalizer(self, namespace: str, name: str, finalizer: str, index: int) -> bool:
+        """Remove `finalizer`, found at `index` of the job's finalizers; False when the job is gone or the
+        list changed meanwhile (a JSON patch whose `test` fails is a 422, and nothing is written)."""
+        path = f"/metadata/finalizers/{index}"
+        try:
+            await self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                             [{"op": "test", "path": path, "value": finalizer}, {"op": "remove", "path": path}],
+                             _content_type=JSON_PATCH)
+            return True
+        except KubeError as exc:
+            if exc.status in (404, 422):
                 return False
             raise
 
@@ -151,6 +202,12 @@ class Kube:
             if exc.status == 409:
                 return None
             raise
+
+
+def _unanswered(exc: BaseException, timeout: float | None) -> KubeError:
+    if isinstance(exc, TimeoutError):
+        return KubeError(0, "Timeout", f"no answer from the API server within {timeout:g}s")
+    return KubeError(0, "Unreachable", f"{type(exc).__name__}: {exc}".rstrip(": "))
 
 
 def _error(status: int, text: str) -> KubeError:

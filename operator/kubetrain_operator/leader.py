@@ -127,6 +127,7 @@ class LeaderElector:
         self.api, self.config, self.clock, self.wall = api, config, clock, wall
         self.leading = False
         self.observations = 0  # Lease reads so far (tests wait on it instead of sleeping)
+        self.renewed_at = 0.0  # clock() when the last successful acquire or renewal was sent
         self._seen: Seen | None = None
         self._lease: dict[str, Any] | None = None
 
@@ -158,30 +159,39 @@ class LeaderElector:
     async def acquire(self) -> None:
         """Wait until this candidate holds the Lease."""
         while not self.leading:
-            try:
-                self.leading = await self.try_once()
+            started = self.clock()
+            try:  # bounded: a read that never returns must not keep a candidate from retrying
+                self.leading = await asyncio.wait_for(self.try_once(), self.config.renew_deadline_seconds)
             except Exception as exc:  # the API may be briefly unreachable: keep trying
-                log.warning("leader election: %s", exc)
-            if not self.leading:
+                log.warning("leader election: %s", _describe(exc))
+            if self.leading:
+                self.renewed_at = started
+            else:
                 await asyncio.sleep(self.config.retry_seconds)
 
     async def hold(self) -> None:
-        """Renew every retry period; return when leadership is lost (another holder, or no successful
-        renewal within the renew deadline)."""
-        last_renewed = self.clock()
-        while True:
-            await asyncio.sleep(self.config.retry_seconds)
+        """Renew every retry period; return when leadership is lost: another holder, or no successful
+        renewal within the renew deadline. Each renewal is cut off at that deadline, so one that hangs (a
+        half-open connection) cannot keep this replica leading past it. A renewal counts from when it
+        was sent, not when its answer came: the server wrote the Lease after that, so a standby (which
+        counts from when it saw the write) cannot take over before this replica's deadline has passed."""
+        cfg = self.config
+        while True:  # wakes at the deadline at the latest, so stepping down is never late by a retry period
+            await asyncio.sleep(min(cfg.retry_seconds, max(self.renewed_at + cfg.renew_deadline_seconds
+                                                           - self.clock(), 0.0)))
+            started = self.clock()
+            left = self.renewed_at + cfg.renew_deadline_seconds - started
+            if left <= 0:
+                log.error("leader election: not renewed for %.1fs; stepping down", cfg.renew_deadline_seconds)
+                break
             try:
-                if await self.try_once():
-                    last_renewed = self.clock()
+                if await asyncio.wait_for(self.try_once(), left):
+                    self.renewed_at = started
                     continue
                 log.error("leader election: the lease was taken over; stepping down")
                 break
             except Exception as exc:
-                log.warning("leader election: renewal failed: %s", exc)
-            if self.clock() - last_renewed >= self.config.renew_deadline_seconds:
-                log.error("leader election: not renewed for %.0fs; stepping down", self.config.renew_deadline_seconds)
-                break
+                log.warning("leader election: renewal failed: %s", _describe(exc))
         self.leading = False
 
     async def release(self) -> None:
@@ -192,15 +202,24 @@ class LeaderElector:
         try:
             body = {"metadata": {"resourceVersion": self._lease["metadata"]["resourceVersion"]},
                     "spec": released_spec(self._lease, self.wall())}
-            await self.api.patch_lease(self.config.namespace, self.config.name, body)
+            await asyncio.wait_for(self.api.patch_lease(self.config.namespace, self.config.name, body),
+                                   self.config.renew_deadline_seconds)
         except Exception as exc:  # a standby takes over after the lease duration anyway
-            log.warning("leader election: could not release the lease: %s", exc)
+            log.warning("leader election: could not release the lease: %s", _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # asyncio.wait_for's TimeoutError has no message
 
 
 async def lead(elector: LeaderElector, operate: Callable[[asyncio.Event], Awaitable[None]]) -> bool:
     """Become the leader, then run `operate(stop_flag)` until it returns (True) or leadership is lost
-    (the flag is set, `operate` is awaited, False). The Lease is released when `operate` ends normally."""
+    (False: the flag is set, and `operate` is given until a standby may take over to finish, then
+    cancelled). The Lease is released when `operate` ends normally."""
     await elector.acquire()
+    identity = elector.config.identity
+    # Both moments on the wall clock, for whoever checks that two replicas never operated at once.
+    log.info("leader election: %s started operating at %s", identity, micro_time(elector.wall()))
     stop = asyncio.Event()
     holding = asyncio.ensure_future(elector.hold())
     operating = asyncio.ensure_future(operate(stop))
@@ -210,10 +229,17 @@ async def lead(elector: LeaderElector, operate: Callable[[asyncio.Event], Awaita
             operating.result()
             return True
         stop.set()
-        await operating
+        cfg = elector.config
+        # A standby takes over no sooner than lease_seconds after the last renewal was sent; the renew
+        # deadline has passed already: half of what is left of the lease duration to stop cleanly.
+        margin = (cfg.lease_seconds - cfg.renew_deadline_seconds) / 2
+        done, _ = await asyncio.wait({operating}, timeout=margin)
+        if not done:
+            log.error("leader election: the controllers did not stop within %.1fs; cancelling them", margin)
         return False
     finally:
         holding.cancel()
         operating.cancel()
         await asyncio.gather(holding, operating, return_exceptions=True)
+        log.info("leader election: %s stopped operating at %s", identity, micro_time(elector.wall()))
         await elector.release()

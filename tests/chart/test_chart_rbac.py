@@ -80,7 +80,7 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
             cls, method = apis[node.value.attr], node.attr
             verb, _, rest = method.partition("_")
             assert verb in VERBS, f"{path.name}: {method}: unknown verb"
-            rest = rest.removeprefix("namespaced_")
+            rest = rest.removeprefix("namespaced_").removeprefix("cluster_")  # all namespaces: same rule
             sub = ""
             for suffix in ("_status", "_scale"):
                 if rest.endswith(suffix):
