@@ -17,7 +17,7 @@ from kubetrain_api.manifest import API_VERSION, KIND, JobSpec
 from kubetrain_api.preparation import Step, stage_argv
 
 from . import preparation
-from .validate import POD_TEMPLATE_POD
+from .pod_template import POD_TEMPLATE_POD
 
 DEFAULT_IMAGE = "ghcr.io/kubetrain/trainer:0.1.0"
 RDZV_PORT = 29400
@@ -25,6 +25,7 @@ CONFIG_DIR = "/etc/kubetrain"
 CONFIG_FILE = "config.json"
 OUTPUT_DIR = "/var/run/kubetrain/output"
 CONTAINER = "trainer"
+OUR_VOLUMES = ("kubetrain-config", "kubetrain-output", "kubetrain-shm")
 # SIGTERM → the trainer finishes its step and commits a checkpoint; torchrun waits this long for it.
 DEFAULT_GRACE_SECONDS = 900
 GRACE_MARGIN_SECONDS = 30
@@ -174,9 +175,17 @@ def render_pod(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
     for key in POD_TEMPLATE_POD:
         if key in template and key not in ("volumes", "terminationGracePeriodSeconds"):
             pod_spec[key] = copy.deepcopy(template[key])
+    _no_token_unless_asked(pod_spec, template)
     if preparation.mode(spec) == "init":  # ours first: the template's init containers may read the data
         pod_spec["initContainers"] = [_prepare_init_container(spec), *pod_spec.get("initContainers", [])]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": _pod_metadata(job, spec, index), "spec": pod_spec}
+
+
+def _no_token_unless_asked(pod_spec: dict[str, Any], template: dict[str, Any]) -> None:
+    """The trainer never calls the API server: the namespace's default ServiceAccount token stays out of the
+    pod unless the template names a ServiceAccount (e.g. one bound to a cloud IAM role)."""
+    if "serviceAccountName" not in template:
+        pod_spec["automountServiceAccountToken"] = False
 
 
 def _pod_metadata(job: JobRef, spec: JobSpec, index: int) -> dict[str, Any]:
@@ -300,6 +309,7 @@ def render_stage_job(job: JobRef, spec: JobSpec, step: Step) -> dict[str, Any]:
     for key in POD_TEMPLATE_POD:
         if key in template and key != "volumes":
             pod_spec[key] = copy.deepcopy(template[key])
+    _no_token_unless_asked(pod_spec, template)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _metadata(job, preparation.job_name(job.name, step), labels),

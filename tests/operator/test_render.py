@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubetrain_api.manifest import JobSpec
-from kubetrain_operator.render import JobRef, render_objects, render_pod
+from kubetrain_operator.render import JobRef, render_objects, render_pod, render_stage_jobs
 from support import spec_dict
 
 REF = JobRef("llama", "ml", "uid-1", {"kueue.x-k8s.io/queue-name": "gpus"})
@@ -96,3 +96,19 @@ def test_rendering_is_deterministic_and_consistent(nodes: int, extra: int, proc:
     assert a["metadata"]["name"] == a["spec"]["hostname"] == f"llama-worker-{index}"
     assert a["metadata"]["annotations"]["kubetrain.io/config-hash"] == render_objects(REF, s)[1]["metadata"][
         "annotations"]["kubetrain.io/config-hash"]
+
+
+def test_workers_get_no_service_account_token_unless_the_template_names_an_account() -> None:
+    """The trainer never calls the API server: the namespace's default token stays out of its pods (and of the
+    data preparation's Job pods), unless the job chose a ServiceAccount (e.g. one bound to a cloud IAM role)."""
+    raw = {"data": {"train": "s3://b/raw/"}, "tokenizer": {"path": None, "train": {"vocabSize": 512}},
+           "checkpoint": {"uri": "s3://b/ckpt/"}}
+    s = JobSpec.model_validate(raw)
+    pod, (stage, *_) = render_pod(REF, s, 0), render_stage_jobs(REF, s)
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert stage["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    raw["workers"] = {"podTemplate": {"serviceAccountName": "s3-reader"}}
+    s = JobSpec.model_validate(raw)
+    pod, (stage, *_) = render_pod(REF, s, 0), render_stage_jobs(REF, s)
+    assert pod["spec"]["serviceAccountName"] == "s3-reader" and "automountServiceAccountToken" not in pod["spec"]
+    assert "automountServiceAccountToken" not in stage["spec"]["template"]["spec"]
