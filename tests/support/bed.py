@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,8 +127,10 @@ def start_operator(kubeconfig: Path | str, namespace: str, log_path: Path) -> tu
     """`kubetrain operator -n NAMESPACE` on the host (admin credentials; the chart test runs it in pods),
     reconciling and reading progress every second; returns the process and its open log."""
     log = log_path.open("wb")
+    # The preparation test mounts the corpus the image would bake from its pytest temporary directory (hostPath).
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "1",
-           "KUBETRAIN_OPERATOR_PROGRESS_INTERVAL_SECONDS": "1"}
+           "KUBETRAIN_OPERATOR_PROGRESS_INTERVAL_SECONDS": "1",
+           "KUBETRAIN_OPERATOR_ALLOWED_HOST_PATHS": tempfile.gettempdir()}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     proc = subprocess.Popen([sys.executable, "-m", "kubetrain_cli", "operator", "-n", namespace,
                              "--metrics-port", str(free_port()), "--liveness-port", "0"],
