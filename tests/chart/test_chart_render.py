@@ -120,6 +120,21 @@ def test_defaults_need_no_prometheus_operator_and_switches_add_each_object() -> 
         assert {o["kind"] for o in objs} - kinds == {kind}, switch
 
 
+def test_pod_security_values_reach_the_operator_and_bad_ones_are_refused() -> None:
+    """podSecurity (docs/operations.md, Security) becomes the operator's KUBETRAIN_OPERATOR_* variables, which
+    kubetrain_operator.pod_template.PodSecurity.from_env reads."""
+    relaxed = template("--set", "podSecurity.level=privileged", "--set", "podSecurity.allowedHostPaths={/data,/x}",
+                       "--set", "podSecurity.allowedServiceAccounts={s3-reader}")
+    deploy = one(relaxed, "Deployment", "kubetrain-operator")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETRAIN_OPERATOR_POD_SECURITY"] == "privileged"
+    assert (env["KUBETRAIN_OPERATOR_ALLOWED_HOST_PATHS"], env["KUBETRAIN_OPERATOR_ALLOWED_SERVICE_ACCOUNTS"]) == (
+        "/data,/x", "s3-reader")
+    for bad in ("podSecurity.level=open", "podSecurity.allowedHostPaths={data}"):
+        result = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
+        assert result.returncode != 0 and "podSecurity" in result.stderr, result.stderr
+
+
 def test_operator_deployment() -> None:
     objs = template()
     deploy = one(objs, "Deployment", "kubetrain-operator")
@@ -129,8 +144,11 @@ def test_operator_deployment() -> None:
     assert container["image"] == "ghcr.io/kubetrain/operator:0.1.0"
     assert container["args"] == ["operator", "--all-namespaces", "--leader-elect", "--lease-name=kubetrain-operator",
                                  "--metrics-port=8080", "--liveness-port=8081"]
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] if "valueFrom" in e else e["value"]
+           for e in container["env"]}
+    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name",
+                   "KUBETRAIN_OPERATOR_POD_SECURITY": "baseline", "KUBETRAIN_OPERATOR_ALLOWED_HOST_PATHS": "",
+                   "KUBETRAIN_OPERATOR_ALLOWED_SERVICE_ACCOUNTS": "", "KUBETRAIN_OPERATOR_ALLOWED_CAPABILITIES": ""}
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert spec["securityContext"]["runAsNonRoot"] is True
