@@ -172,6 +172,29 @@ class Kube:
         return dict(await self._call(self.core.patch_namespaced_config_map, name, namespace, patch,
                                      _content_type=MERGE_PATCH))
 
+    # what a job's names hold (controller.py: ownership checks, the audit of the index) --------------------
+
+    def _core(self, verb: str, kind: str) -> Any:
+        resource = {"Pod": "pod", "Service": "service", "ConfigMap": "config_map"}[kind]
+        return getattr(self.core, f"{verb}_namespaced_{resource}")
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Pod, Service or ConfigMap; None when there is none of that name."""
+        try:
+            return dict(await self._call(self._core("read", kind), name, namespace))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch a Pod, Service or ConfigMap (a metadata.uid in `patch` is a precondition: 409 otherwise)."""
+        return dict(await self._call(self._core("patch", kind), name, namespace, patch, _content_type=MERGE_PATCH))
+
+    async def list_pod_uids(self, namespace: str, label_selector: str) -> set[str]:
+        found = await self._call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
+        return {str(p["metadata"]["uid"]) for p in found.get("items") or []}
+
 
     # leader election (leader.py): optimistic concurrency through resourceVersion ---------------------
 
