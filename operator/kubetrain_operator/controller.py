@@ -20,16 +20,18 @@ from typing import Any, Protocol
 import aiohttp
 from kubetrain_api.contract import PROGRESS_PATH
 from kubetrain_api.manifest import JobSpec
-from kubetrain_api.status import RESTARTING, RUNNING
+from kubetrain_api.status import RESTARTING, RUNNING, TERMINAL
 
 from .bookkeeping import OWNED, apply_merge_patch
-from .kube import Kube
+from .draft import CreateFailure
+from .kube import Kube, KubeError
 from .metrics import JobSummary, OperatorMetrics
+from .ownership import adoption_patch, conflict_message, object_ownership, ownership
 from .planner import JobView, Plan, PlannerConfig, plan
-from .pods import ObservedPod, observe_pod
+from .pods import ObservedPod, classify, observe_pod
 from .preparation import StageJob, StageView
 from .progress import fetch_progress, gone_report_patch, progress_patch, report_to_keep
-from .render import JobRef, render_configmap, render_pod, render_service, render_stage_job
+from .render import JobRef, render_configmap, render_pod, render_service, render_stage_job, selector
 from .validate import validate_job
 
 JobKey = tuple[str, str]  # (namespace, name)
@@ -44,6 +46,9 @@ class OperatorConfig:
     expectation_seconds: float = 30.0  # how long our own creates/deletes are assumed before the watch shows them
     error_backoff_seconds: float = 2.0
     api_concurrency: int = 64
+    # How often each job's pods are listed to find ones gone unseen: Kopf's index drops a pod only on its DELETED
+    # event, which a watch gap (a dropped connection, a re-list) loses; such a pod would be waited on forever.
+    audit_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -77,6 +82,8 @@ class Runtime:
         self.wakeups: dict[JobKey, asyncio.Event] = {}
         self.jobs: dict[JobKey, JobSummary] = {}  # for the metrics, as of each job's last reconcile
         self.reports: dict[JobKey, ObservedPod] = {}  # an ended worker 0 (its final report), see keep_report
+        self.progress_read: dict[JobKey, float] = {}  # when a worker last answered /progress (stall detection)
+        self.failures: dict[JobKey, ObservedPod] = {}  # a worker's exit restarting cannot fix, see keep_report
         self.metrics = OperatorMetrics(lambda: dict(self.jobs))
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -117,6 +124,11 @@ class Runtime:
         kept = report_to_keep(pod, key[1])
         if kept is not None and key in self.wakeups:
             self.reports[key] = kept
+        # Likewise a worker's exit 2 or 3 (a config error, a NaN loss): a pod that has ended is removed at once by
+        # the operator's delete, which may have been on its way (a restart of the group) before a reconcile saw
+        # the exit; the job must still fail with it rather than spend a restart.
+        if pod is not None and pod.phase == "Failed" and not classify(pod).retryable and key in self.wakeups:
+            self.failures.setdefault(key, pod)
 
 
 class Expectations:
@@ -169,10 +181,28 @@ class Reconciler:
         self.own = owned(body.get("status"))
         self.expect = Expectations(rt.config.expectation_seconds)
         self.objects_ensured = False
+        self.objects_checked = False  # the Service and ConfigMap of the job's names are its own (or absent)
+        self.conflict: str | None = None
+        self.create_failure: CreateFailure | None = None
+        self.ghosts: set[str] = set()  # uids in the index that a list no longer showed (audit)
+        self.audited_at = time.monotonic()
 
     def observed(self) -> list[ObservedPod]:
         store = self.index.get(self.key, []) if self.index is not None else []
-        return self.expect.merge(list(store), time.time())
+        return self.expect.merge([p for p in store if p.uid not in self.ghosts], time.time())
+
+    async def audit(self, ref: JobRef) -> None:
+        """Every OperatorConfig.audit_seconds: the pods the index holds that a list made after them does not show
+        are gone (their DELETED event was lost in a watch gap) and are left out from now on."""
+        if time.monotonic() - self.audited_at < self.rt.config.audit_seconds:
+            return
+        indexed = {p.uid for p in (self.index.get(self.key, []) if self.index is not None else [])}
+        listed = await self.rt.kube.list_pod_uids(ref.namespace, selector(ref))
+        self.audited_at = time.monotonic()
+        gone = indexed - listed
+        if gone - self.ghosts:
+            self.logger.info("pods gone without a DELETED event (a watch gap): %s", ", ".join(sorted(gone)))
+        self.ghosts = gone
 
     def stage(self) -> StageView:
         """The data preparation's Jobs and pods; a Job we created counts as running until the watch shows it."""
@@ -195,11 +225,25 @@ class Reconciler:
         for key in OWNED:  # fields we removed stay removed even if the watch has not caught up
             if key not in self.own and self.own:
                 status.pop(key, None)
+        if view.spec is not None and not self.objects_checked and status.get("phase") not in TERMINAL:
+            self.conflict = await self.foreign_objects(view.ref, view.spec)
+            self.objects_checked = self.conflict is None
+        view = dataclasses.replace(view, conflict=self.conflict, create_failure=self.create_failure,
+                                   progress_read=self.rt.progress_read.get(self.key))
         now = time.time()
+        if status.get("phase") not in TERMINAL:
+            await self.audit(view.ref)
         kept, pods = self.rt.reports.get(self.key), self.observed()
+        if kept is not None and ownership(kept.owner, kept.managed, view.ref) != "ours":
+            kept = None  # an earlier job's of this name
+        failed = self.rt.failures.get(self.key)
+        if failed is not None and ownership(failed.owner, failed.managed, view.ref) == "ours" and all(
+                p.uid != failed.uid for p in pods):
+            pods = [*pods, failed]  # as last seen: the planner fails the job with its exit (keep_report)
         p = plan(view, status, pods, now, self.rt.config.planner, self.stage())
         p.status_patch.update(gone_report_patch(status, kept, pods, now))
-        await self.execute(view, p)
+        if not await self.execute(view, p):
+            return 0.0  # a pod create was refused: plan again at once, knowing it (planner: CreateFailed)
         if kept is not None and self.rt.reports.get(self.key) is kept:
             del self.rt.reports[self.key]  # applied (or read by the planner from the pod): once is enough
         self.rt.jobs[self.key] = JobSummary.of(p.phase, apply_merge_patch(status, p.status_patch or {}))
@@ -207,7 +251,8 @@ class Reconciler:
         return min(p.requeue_after if p.requeue_after is not None else self.rt.config.resync_seconds,
                    self.rt.config.resync_seconds)
 
-    async def execute(self, view: JobView, p: Plan) -> None:
+    async def execute(self, view: JobView, p: Plan) -> bool:
+        """Carry the plan out; False (and nothing after the creates done) when the API server refused a pod."""
         ns, name = self.key
         kube, metrics = self.rt.kube, self.rt.metrics
         # Creates first (a crash after them is adopted), then the status that records restarts and
@@ -221,15 +266,23 @@ class Reconciler:
             self.stage_created[name] = (StageJob(name, uid, p.prepare, active=1), time.time())
         if p.create and view.spec is not None:
             await self.ensure_objects(view.ref, view.spec, p.launch)
-            results = await asyncio.gather(*(kube.create(render_pod(view.ref, view.spec, i)) for i in p.create))
+            results = await asyncio.gather(*(self.create_pod(view.ref, view.spec, i, p.names.get(i))
+                                             for i in p.create))
             # The expectation's TTL runs from when the creates returned, not from the plan: under load
             # (many jobs' creates queued behind the API concurrency limit) they can take longer than the TTL.
             answered = time.time()
             for result in results:
-                created = observe_pod(result) if result is not None else None
+                created = observe_pod(result) if isinstance(result, dict) else None
                 if created is not None:
                     self.expect.created[created.name] = (created, answered)
                     metrics.pods_created.inc()
+            refused = [r for r in results if isinstance(r, str)]
+            if refused:
+                attempts = self.create_failure.attempts + 1 if self.create_failure is not None else 1
+                self.create_failure = CreateFailure(refused[0], answered, attempts)
+                self.logger.warning("creating a worker pod was refused: %s", refused[0])
+                return False
+            self.create_failure = None
         if p.status_patch:
             await kube.patch_job_status(ns, name, p.status_patch)
             self.own = owned(apply_merge_patch(self.own or owned(self.body.get("status")), p.status_patch))
@@ -243,6 +296,41 @@ class Reconciler:
         if p.delete_job:
             self.logger.info("ttlSecondsAfterFinished passed: deleting the LLMTrainingJob")
             await kube.delete_job(ns, name)
+        return True
+
+    async def create_pod(self, ref: JobRef, spec: JobSpec, index: int, name: str | None) -> dict[str, Any] | str | None:
+        """The created pod; None when it exists already and is ours (the watch had not shown it yet); what the
+        API server said when it refused (quota, Pod Security admission, a webhook) or the name is another's."""
+        pod = render_pod(ref, spec, index)
+        if name is not None:  # the usual name is held (Draft.name_for); the hostname stays
+            pod["metadata"]["name"] = name
+        name = pod["metadata"]["name"]
+        try:
+            made = await self.rt.kube.create(pod)
+        except KubeError as exc:
+            if exc.status in (400, 403, 422):
+                return f"pod {name}: {exc}"
+            raise
+        if made is None:
+            existing = await self.rt.kube.read("Pod", ref.namespace, name)
+            if existing is not None and object_ownership(existing, ref) == "foreign":
+                return conflict_message("Pod", existing, ref)
+        return made
+
+    async def foreign_objects(self, ref: JobRef, spec: JobSpec) -> str | None:
+        """Before the job's Service and ConfigMap are made: an object of one of their names that is another's
+        (the conflict, ownership.py); one an earlier job of this name left is adopted."""
+        for obj in (render_service(ref, spec), render_configmap(ref, spec)):
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            existing = await self.rt.kube.read(kind, ref.namespace, name)
+            whose = object_ownership(existing, ref) if existing is not None else "ours"
+            if whose == "foreign":
+                return conflict_message(kind, existing, ref)
+            if whose == "stale":
+                await self.rt.kube.patch(kind, ref.namespace, name, adoption_patch(existing, ref))
+                self.post_event("Normal", "Adopted", f"{kind} {name}: left by an earlier job of this name, now "
+                                                     f"this job's")
+        return None
 
     async def delete_pod(self, pod: str, uid: str, grace_seconds: int | None) -> None:
         if await self.rt.kube.delete_pod(self.key[0], pod, grace_seconds):
@@ -304,6 +392,8 @@ async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
             del rt.wakeups[reconciler.key]
         rt.jobs.pop(reconciler.key, None)
         rt.reports.pop(reconciler.key, None)
+        rt.progress_read.pop(reconciler.key, None)
+        rt.failures.pop(reconciler.key, None)
 
 
 async def progress_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
@@ -337,6 +427,9 @@ async def poll_progress(rt: Runtime, body: Any, index: Any, key: JobKey, answere
         if data is None:
             continue
         rt.metrics.progress_reads.labels(result="ok").inc()
+        if rt.progress_read.get(key) is None:
+            rt.wake(*key)  # ProgressKnown turns True
+        rt.progress_read[key] = time.time()
         patch = progress_patch(status, data, time.time())
         if patch:
             await rt.kube.patch_job_status(key[0], key[1], patch)

@@ -29,6 +29,10 @@ class PlannerConfig:
     # A deleted pod whose containers ended this long ago and that is still there is held by a finalizer: it
     # counts as gone, and its replacement gets another name (Draft.name_for). A kubelet removes one in seconds.
     held_pod_seconds: float = 30.0
+    create_backoff_seconds: float = 2.0  # after a refused pod create, doubling to max_backoff_seconds
+    # No /progress answer for this long: the job's progress is unknown (condition ProgressKnown False), and no
+    # stall is ever concluded from it (policies/stall.py).
+    progress_unknown_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,21 @@ class JobView:
     warnings: tuple[str, ...] = ()
     generation: int | None = None
     size_only: bool = False  # the error is only workers.nodes: a launched job keeps its current size
+    # What the controller found when it acted (not in the spec): an object of one of the job's names that is not
+    # the job's (ownership.py), and the API server refusing to create its pods (quota, admission, a webhook).
+    conflict: str | None = None
+    create_failure: CreateFailure | None = None
+    progress_read: float | None = None  # when a worker last answered /progress (controller.poll_progress)
+
+
+@dataclass(frozen=True)
+class CreateFailure:
+    """The API server refused to create a worker pod: what it said, and when it was last tried (`attempts` in a
+    row). Creates are tried again after an exponential backoff (PlannerConfig), not at every pass."""
+
+    message: str
+    last_attempt: float
+    attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,7 @@ class Draft:
         # finalizer, the pod that replaced it. `stale`: an earlier job's of this name; `taken`: names not free.
         self.pods: dict[int, ObservedPod] = {}
         self.stale: list[ObservedPod] = []
+        self.owned: list[ObservedPod] = []  # all the job's pods (an index may have two: one held, its replacement)
         self.taken: dict[int, set[str]] = {}
         self.held_uids = {p.uid for p in pods if p.ended_while_terminating and now >= cfg.held_pod_seconds + (
             p.finished_at if p.finished_at is not None else p.deletion_time if p.deletion_time is not None else now)}
@@ -94,8 +114,10 @@ class Draft:
                 self.stale.append(p)
             if whose != "ours" or self.held(p):
                 self.taken.setdefault(p.index, set()).add(p.name)
-            if whose == "ours" and (p.index not in self.pods or self.held(self.pods[p.index])):
-                self.pods[p.index] = p
+            if whose == "ours":
+                self.owned.append(p)
+                if p.index not in self.pods or self.held(self.pods[p.index]):
+                    self.pods[p.index] = p
         self.plan = Plan(phase=self.st.phase or PENDING)
         self.deleting: set[str] = set()
         self.phase, self.reason, self.message = self.st.phase or PENDING, self.st.reason or "", self.st.message or ""

@@ -15,7 +15,7 @@ from kubetrain_api.status import PENDING, PREPARING, RESTARTING, RUNNING, SUSPEN
 
 from .bookkeeping import OWNED, merge_patch, update_conditions
 from .coerce import as_count, as_dict
-from .draft import RESIZING, Deletion, Draft, Event, JobView, Plan, PlannerConfig
+from .draft import RESIZING, CreateFailure, Deletion, Draft, Event, JobView, Plan, PlannerConfig
 from .pods import ObservedPod
 from .policies import elastic, preparation, stall, suspend, time_limits, workers
 from .policies.completion import fail, finished, succeed
@@ -83,11 +83,19 @@ def _active(d: Draft, spec: JobSpec, stage: StageView) -> None:
                 d.event("Normal", "Preparing", gated.message)
         return d.set_phase(PREPARING, gated.reason, gated.message)
 
+    if d.job.conflict is not None:
+        return _hold(d, PENDING, NAME_CONFLICT, d.job.conflict)
     previous = as_count(as_dict(d.old_status.get("workers")).get("desired"))
     workers.resize(d, desired, desired if previous is None else previous)
     # A full restart under way has nothing new to count: its pods are all recorded as replaced.
     if not st.full_restart and not count_incidents(d, spec):
         return
+    failure = d.job.create_failure
+    if failure is not None and d.now < (retry := _retry_at(d, failure)):
+        d.wake_at(retry)
+        return _hold(d, RESTARTING if st.full_restart else PENDING, CREATE_FAILED,
+                     f"the API server refused to create a worker pod ({failure.attempts} time(s), trying again "
+                     f"{retry - failure.last_attempt:g}s after the last): {failure.message}"[:1000])
     workers.create(d, spec, desired)
     if not st.full_restart:
         elastic.check_below_min(d, spec, low)
@@ -97,6 +105,22 @@ def _active(d: Draft, spec: JobSpec, stage: StageView) -> None:
     _decide_phase(d, low, desired, preparing)
     if d.phase == RUNNING and not st.full_restart and stall.check_stall(d, spec):
         _decide_phase(d, low, desired, preparing)
+
+
+NAME_CONFLICT, CREATE_FAILED = "NameConflict", "CreateFailed"
+
+
+def _hold(d: Draft, phase: str, reason: str, message: str) -> None:
+    """Nothing is created while the reason lasts; one Warning event per new message."""
+    if d.st.phase == phase and (d.st.reason, d.st.message) != (reason, message) and not (
+            reason == CREATE_FAILED and d.st.reason == CREATE_FAILED):  # (not one per countdown)
+        d.event("Warning", reason, message)
+    d.set_phase(phase, reason, message)
+
+
+def _retry_at(d: Draft, failure: CreateFailure) -> float:
+    return failure.last_attempt + min(d.cfg.max_backoff_seconds,
+                                      d.cfg.create_backoff_seconds * 2 ** (failure.attempts - 1))
 
 
 def _decide_phase(d: Draft, low: int, desired: int, preparing: preparation.Decision | None = None) -> None:
@@ -148,7 +172,8 @@ def _finish(d: Draft) -> Plan:
     }
     new: dict[str, Any] = {
         "phase": d.phase, "reason": d.reason, "message": d.message,
-        "conditions": update_conditions(st.conditions, d.phase, d.reason, d.message, d.now),
+        "conditions": update_conditions(st.conditions, d.phase, d.reason, d.message, d.now) + (
+            [stall.progress_condition(d, job.spec)] if d.phase == RUNNING and job.spec is not None else []),
         "workers": worker_counts, "restarts": st.restarts,
         "startTime": iso_precise(st.start_time) if st.start_time is not None else None,
         "completionTime": iso_precise(st.completion_time) if st.completion_time is not None else None,

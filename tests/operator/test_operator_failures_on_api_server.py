@@ -145,8 +145,8 @@ async def test_config_error_after_another_workers_exit_still_fails_the_job(jobs:
         assert st["reason"] == "ConfigError" and "prepared tokenizer" in st["message"] and st["restarts"] == 1
 
 
-async def test_restart_mid_creation_converges_without_duplicates(jobs: Jobs, kubelet: PlayedKubelet, namespace: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_refused_create_is_reported_and_a_restart_mid_creation_converges(
+        jobs: Jobs, kubelet: PlayedKubelet, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetrain_operator.kube import Kube as OperatorKube
 
     # A ResourceQuota of two pods: the API server refuses the third and fourth creation (403).
@@ -157,11 +157,15 @@ async def test_restart_mid_creation_converges_without_duplicates(jobs: Jobs, kub
     await wait_until(lambda: jobs.kube.get(quota).get("status", {}).get("hard"), what="the quota's status")
     async with running_operator(namespace) as memo:
         jobs.create(jobs.manifest(workers={"nodes": 4}))
-        errors = memo.runtime.metrics.registry
-        await wait_until(lambda: errors.get_sample_value("kubetrain_operator_errors_total", {"kind": "reconcile"}),
-                         what="a reconcile failing on the quota")
+        # The refusal is in status, tried again with a backoff (not every pass), and one Warning says so.
+        await wait_until(lambda: jobs.status().get("reason") == "CreateFailed", what="the refusal in status")
+        assert "exceeded quota: two-pods" in jobs.status()["message"] and jobs.status()["phase"] == "Pending"
+        await wait_until(lambda: "3 time(s)" in jobs.status()["message"], what="the third try")
+        assert sum(e.startswith("CreateFailed: ") for e in jobs.events()) == 1
+        assert not memo.runtime.metrics.registry.get_sample_value("kubetrain_operator_errors_total",
+                                                                  {"kind": "reconcile"})
         assert len(kubelet.pods()) == 2
-    # The operator stopped between pod creations, before it wrote any status.
+    # The operator stopped between pod creations: the status records no launch.
     assert not jobs.status().get("tracking", {}).get("launched")
     first = kubelet.uids()
     jobs.kube.delete(quota)

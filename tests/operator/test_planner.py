@@ -39,9 +39,10 @@ def test_running_when_min_nodes_run() -> None:
     sim.step(1)
     assert sim.phase == "Running" and sim.status["message"] == "2/3 workers running"
     assert sim.status["workers"] == {"desired": 3, "active": 3, "ready": 1, "failed": 0}
-    assert sim.status["conditions"] == [{"type": "Running", "status": "True", "reason": "WorkersRunning",
-                                         "message": "2/3 workers running",
-                                         "lastTransitionTime": sim.status["conditions"][0]["lastTransitionTime"]}]
+    assert sim.status["conditions"][0] == {"type": "Running", "status": "True", "reason": "WorkersRunning",
+                                           "message": "2/3 workers running",
+                                           "lastTransitionTime": sim.status["conditions"][0]["lastTransitionTime"]}
+    assert [c["type"] for c in sim.status["conditions"]] == ["Running", "ProgressKnown"]
 
 
 def test_scale_to_a_size_the_batch_does_not_split_over_is_rejected_while_running(started: Callable[..., Sim]) -> None:

@@ -65,17 +65,21 @@ class Sim:
     _uids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _last_spec: Any = None
     _ended_terminating: set[str] = field(default_factory=set)
+    _ended_seen_at: float = 0.0
+    progress_read: float | None = None  # when /progress last answered (the controller's, for the planner)
 
     def step(self, advance: float = 0.0) -> Plan:
         self.now += advance
         if self._last_spec is not None and self._last_spec != self.spec:
             self.generation += 1  # as the API server does when the spec changes
         self._last_spec = copy.deepcopy(self.spec)
-        # A deleted pod whose containers have ended is gone by the next pass (its kubelet's final delete; no
+        # A deleted pod whose containers have ended is gone once time has passed (its kubelet's final delete; no
         # finalizers here).
-        self.pods = {i: x for i, x in self.pods.items() if x.uid not in self._ended_terminating}
-        self._ended_terminating = {x.uid for x in self.pods.values() if x.ended_while_terminating}
-        view = job_view(self.spec, generation=self.generation)
+        if self.now > self._ended_seen_at:
+            self.pods = {i: x for i, x in self.pods.items() if x.uid not in self._ended_terminating}
+            self._ended_terminating = {x.uid for x in self.pods.values() if x.ended_while_terminating}
+            self._ended_seen_at = self.now
+        view = replace(job_view(self.spec, generation=self.generation), progress_read=self.progress_read)
         p = plan(view, copy.deepcopy(self.status), list(self.pods.values()), self.now, self.cfg, self.stage)
         self.status = apply_merge_patch(self.status, copy.deepcopy(p.status_patch))
         for d in p.delete:

@@ -32,7 +32,7 @@ def backoff_seconds(base: float, restarts: int, cap: float) -> float:
 def permanent_failure(d: Draft) -> Outcome | None:
     """The first failed pod whose exit restarting cannot fix (a config error, NaN loss), also one stopped for a
     restart under way (a deterministic error seen after another worker's exit stays deterministic)."""
-    for pod in d.pods.values():
+    for pod in d.owned:
         if pod.phase == "Failed":
             outcome = classify(pod)
             if not outcome.retryable:

@@ -109,10 +109,9 @@ def _overdue_at(d: Draft, pod: ObservedPod) -> float | None:
         return None
     short = d.st.restart_time + d.cfg.failed_group_grace_seconds if d.st.restart_time is not None else None
     own = pod.deletion_deadline
-    if own is None or (not pod.ready and short is not None):
-        end = short if own is None else min(own, short)  # type: ignore[type-var]
-    else:
-        end = own
+    if own is not None and short is not None and not pod.ready:
+        own = min(own, short)
+    end = own if own is not None else short
     return None if end is None else end + d.cfg.below_min_grace_seconds
 
 
