@@ -4,7 +4,8 @@ The protocol is checked three ways: its pure decision rules; a Hypothesis-driven
 replicas racing over one Lease with an API that enforces resourceVersion as a real server does (never two
 leaders at once, whatever the interleaving, crashes and clock advances); and three real operator processes
 against a real API server (tests/cluster; one active, hand-over on SIGTERM and after a kill -9; the
-played kubelet: tests/operator/conftest.py)."""
+played kubelet: tests/operator/conftest.py), one of them behind a proxy that turns into a black hole (it
+accepts and never answers): it stops operating before the standby starts, on their own wall-clock records."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import asyncio
 import copy
 import datetime as dt
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from cluster.client import Kube, kubectl, ns_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -188,15 +194,15 @@ def test_never_two_leaders_at_once(actions: list[tuple[str, int, float]]) -> Non
 class Replica:
     """`kubetrain operator --leader-elect` as a process, as a Deployment's pod would run it."""
 
-    def __init__(self, name: str, kubeconfig: Path, namespace: str, log: Path):
-        self.name, self.port = name, free_port()
+    def __init__(self, name: str, kubeconfig: Path, namespace: str, log: Path, extra: Sequence[str] = ()):
+        self.name, self.port, self.log_path = name, free_port(), log
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": name, "POD_NAMESPACE": namespace,
                "KUBETRAIN_OPERATOR_RESYNC_SECONDS": "0.5"}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         self.log = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetrain_cli", "operator", "-n", namespace, "--leader-elect",
-             "--lease-duration", "3", "--metrics-port", str(self.port), "--liveness-port", "0"],
+             "--lease-duration", "3", "--metrics-port", str(self.port), "--liveness-port", "0", *extra],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def leader_gauge(self) -> float | None:
@@ -208,6 +214,18 @@ class Replica:
             if line.startswith("kubetrain_operator_leader "):
                 return float(line.split()[1])
         return None
+
+    def health(self) -> int | None:
+        try:
+            return int(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def operated(self, what: str) -> list[str]:
+        """When this replica logged that it `started`/`stopped` operating (wall clock, RFC 3339 in UTC)."""
+        return re.findall(rf" {what} operating at (\S+)", self.log_path.read_text())
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -279,3 +297,83 @@ async def test_one_active_replica_hands_over_on_sigterm_and_after_a_crash(
                 await stop(replica, signal.SIGKILL)
     logs = "".join((tmp_path / f"{n}.log").read_text() for n in "abc")
     assert "Traceback" not in logs, logs[-3000:]
+
+
+class BlackHoleProxy:
+    """A TCP forwarder to the API server that can turn silent: from then on it still accepts connections
+    and reads what it is sent, and forwards nothing either way (a half-open connection, a stuck proxy)."""
+
+    def __init__(self, target: str):
+        url = urlsplit(target)
+        self.host, self.port, self.silent = url.hostname or "127.0.0.1", url.port or 443, False
+        self.listen_port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> BlackHoleProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.silent:
+            await self._pump(reader, None)
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers.append(up_writer)
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter | None) -> None:
+        while data := await source.read(65536):
+            if sink is not None and not self.silent:
+                sink.write(data)
+                await sink.drain()
+
+    def kubeconfig(self, original: Path, path: Path) -> Path:
+        config = yaml.safe_load(original.read_text())
+        for cluster in config["clusters"]:
+            cluster["cluster"]["server"] = f"https://{self.host}:{self.listen_port}"  # the certificate names host
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_leader_whose_api_server_stops_answering_stops_before_the_standby_starts(
+        kube: Kube, namespace: str, control_plane: Any, llmtrainingjob_crd: str, tmp_path: Path) -> None:
+    """Replica a leads through a proxy that then accepts and never answers; its renewals hang. It must stop
+    operating at its renew deadline, before b (direct to the API server) takes the Lease over; c, a standby
+    behind the same proxy, keeps running and reports unhealthy on /healthz."""
+    proxy = await BlackHoleProxy(control_plane.server).start()
+    through_proxy = proxy.kubeconfig(Path(control_plane.kubeconfig), tmp_path / "proxied-kubeconfig")
+    a = Replica("replica-a", through_proxy, namespace, tmp_path / "a.log")
+    replicas = [a]
+    try:
+        await wait_until(lambda: holder(kube, namespace).startswith("replica-a_"), timeout=60, what="a to lead")
+        b = Replica("replica-b", Path(control_plane.kubeconfig), namespace, tmp_path / "b.log")
+        c = Replica("replica-c", through_proxy, namespace, tmp_path / "c.log", extra=["--unhealthy-after", "1"])
+        replicas += [b, c]
+        await wait_until(lambda: gauge_is(b, 0.0), timeout=60, what="b on standby")
+        await wait_until(lambda: gauge_is(c, 0.0), timeout=60, what="c on standby")
+        assert c.health() == 200
+
+        proxy.silent = True
+        await wait_until(lambda: a.proc.poll() is not None, timeout=30, what="a to step down and exit")
+        assert a.proc.returncode == 1  # lost leadership: the Deployment restarts it as a standby
+        await wait_until(lambda: holder(kube, namespace).startswith("replica-b_"), timeout=30, what="b to take over")
+        await wait_until(lambda: b.operated("started"), timeout=30, what="b to start operating")
+        (a_started,), (a_stopped,), (b_started,) = a.operated("started"), a.operated("stopped"), b.operated("started")
+        assert a_started < a_stopped < b_started  # never two replicas operating at once
+        await wait_until(lambda: asyncio.to_thread(lambda: c.health() == 503), timeout=30, what="c unhealthy")
+        assert c.proc.poll() is None and await stop(b) == 0
+    finally:
+        for replica in replicas:
+            if replica.proc.poll() is None:
+                await stop(replica, signal.SIGKILL)
+        await proxy.close()
