@@ -20,12 +20,14 @@ from .preparation import ROLE, StageJob, StagePod, observe_stage_job, observe_st
 from .render import LABEL_JOB, LABEL_ROLE
 
 JOBS = (GROUP, VERSION, PLURAL)
+# Kopf puts it on every job (its daemons need one) and never removes it on exit: runner.py and uninstall.py do.
+FINALIZER = f"{GROUP}/finalizer"
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """Kopf's settings for this operator (also used by tests that run it in-process)."""
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.reporting_component = "kubetrain-operator"
