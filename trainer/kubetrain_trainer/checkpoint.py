@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, concurrent_writer
 from .local_writer import LocalWriter
 from .s3_reader import S3Reader
 from .s3_writer import S3Writer
@@ -101,6 +101,9 @@ class CheckpointManager:
         self.process_group = process_group
         self.on_result = on_result
         self.consecutive_failures = 0
+        # Set (on rank 0) when another writer committed a step this one was saving: the run stops at its next
+        # save (Trainer.save) rather than after maxConsecutiveFailures saves that cannot succeed.
+        self.writer_conflict: str | None = None
         # Rank 0's catalogue of the committed checkpoints retention keeps (/progress, the final report).
         self.catalogue: list[ProgressCheckpoint] = []
         self._inflight: _InFlight | None = None
@@ -143,15 +146,16 @@ class CheckpointManager:
             entries.append({"step": step, "uri": self.store.child_uri(step_dir_name(step)), "time": when})
         self.catalogue = checkpoint_catalogue(entries, self.keep)
 
-    def _mismatch(self, step: int, marker: dict[str, Any], objects: dict[str, int]) -> str | None:
-        """Why the stored objects differ from the manifest (missing, resized, changed), or None."""
+    def _mismatch(self, step: int, marker: dict[str, Any], objects: dict[str, int], content: bool = True) -> str | None:
+        """Why the stored objects differ from the manifest (missing, resized, changed: by content checksums
+        unless `content` is False), or None."""
         prefix = step_dir_name(step) + "/"
         files = {name: entry if isinstance(entry, dict) else {"size": entry}  # manifests before checksums
                  for name, entry in marker["files"].items()}
         for name, entry in files.items():
             if objects.get(prefix + name) != entry["size"]:
                 return f"{name} is missing or resized"
-        if any("checksum" in entry for entry in files.values()):
+        if content and any("checksum" in entry for entry in files.values()):
             sums = self.store.checksums(f"{prefix}{marker['attempt']}/")
             for name, entry in files.items():
                 if "checksum" in entry and sums.get(prefix + name) != entry["checksum"]:
@@ -173,7 +177,7 @@ class CheckpointManager:
     def clean_up_after_crash(self) -> None:
         """Rank 0 at start, before any save: abort multipart uploads a killed writer left behind and
         delete uncommitted step directories (no writer is active yet, so none is in progress)."""
-        aborted = self.store.abort_uploads("")
+        aborted = self.store.abort_uploads("step-")  # checkpoints' only: never the export's, nor beside the prefix
         committed = set(self.committed_steps())
         objects = self._objects()
         debris = {int(m.group(1)) for key in objects if (m := _STEP_DIR.match(key))} - committed
@@ -188,6 +192,16 @@ class CheckpointManager:
         if aborted or debris:
             log.info("cleaned up after an interrupted save: %d upload(s) aborted, %d partial checkpoint(s) deleted",
                      aborted, len(debris))
+
+    def discard_newer_than(self, latest: int | None) -> None:
+        """Rank 0 at start, after `latest`: delete the committed checkpoints newer than the one resumed from
+        (latest skipped them as damaged), so that retention and the commits to come agree with latest: this
+        run's commit of such a step would otherwise find the step taken and stop as if another writer had."""
+        for step in self.committed_steps():
+            if latest is None or step > latest:
+                log.warning("deleting checkpoint %d: it is damaged, and training resumes from %s", step, latest)
+                self.store.delete_prefix(f"{step_dir_name(step)}/{MARKER}")  # un-commit first (see _retain)
+                self.store.delete_prefix(step_dir_name(step) + "/")
 
     # -- save ----------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -259,7 +273,7 @@ class CheckpointManager:
             result = SaveResult(step, True, inflight.blocked, time.perf_counter() - inflight.started, written,
                                 committed_at=committed_at)
             if self.rank == 0:
-                self._retain_quietly()  # after the commit is timed and can no longer be undone
+                self._retain_quietly(step)  # after the commit is timed and can no longer be undone
                 entry: ProgressCheckpoint = {"step": step, "uri": self.store.child_uri(step_dir_name(step)),
                                              "time": committed_at or time.time()}
                 self.catalogue = checkpoint_catalogue([*self.catalogue, entry], self.keep)
@@ -267,7 +281,7 @@ class CheckpointManager:
             message = f"{type(exc).__name__}: {_first_cause(exc)}"
             log.error("checkpoint of step %d failed: %s", step, message)
             if self.rank == 0:
-                self._discard(key)
+                self._discard(step, key)
             result = SaveResult(step, False, inflight.blocked, time.perf_counter() - inflight.started, written,
                                 message)
         self.consecutive_failures = 0 if result.ok else self.consecutive_failures + 1
@@ -287,42 +301,76 @@ class CheckpointManager:
         now = time.time()
         marker = {"step": step, "attempt": attempt_key[len(step_key) + 1:], "worldSize": dist.get_world_size(),
                   "time": now, "files": files, "objectSize": self.s3.object_size_bytes, **self.fingerprints}
+        body = json.dumps(marker, indent=1).encode()
         try:
-            self.store.put(f"{step_key}/{MARKER}", json.dumps(marker, indent=1).encode(), exclusive=True)
+            self.store.put(f"{step_key}/{MARKER}", body, exclusive=True)
         except AlreadyExists:
-            raise RuntimeError(f"step {step} was already committed by another writer; refusing to overwrite it "
-                               f"(two jobs share checkpoint.uri?)") from None
+            # Our own write, if a retry of it found the key taken (the first response was lost after S3 had
+            # stored it): the stored manifest is then byte for byte ours, attempt id and time included.
+            if self.store.get(f"{step_key}/{MARKER}") != body:
+                other = json.loads(self.store.get(f"{step_key}/{MARKER}")).get("attempt")
+                self.writer_conflict = str(concurrent_writer(
+                    self.store.uri, f"step {step} was committed by attempt {other} while this run saved it as "
+                                    f"{marker['attempt']}"))
+                raise RuntimeError(f"step {step} was already committed by another writer; refusing to overwrite "
+                                   f"it (two jobs share checkpoint.uri?)") from None
         return now
 
-    def _discard(self, attempt_key: str) -> None:
-        """Remove a failed attempt's objects: its own directory only, never another writer's."""
+    def _committed_attempt(self, step: int) -> str | None:
+        """The attempt the step's manifest names, None if the step has none."""
+        marker_key = f"{step_dir_name(step)}/{MARKER}"
+        if marker_key not in self.store.list(marker_key):
+            return None
+        return str(json.loads(self.store.get(marker_key)).get("attempt"))
+
+    def _discard(self, step: int, attempt_key: str) -> None:
+        """Remove a failed attempt's objects: its own directory only, never another writer's, and never one a
+        manifest names (a commit whose response was lost is still a commit)."""
         try:
+            if self._committed_attempt(step) == attempt_key.rsplit("/", 1)[1]:
+                log.warning("checkpoint %d was committed although the save reported an error; keeping it", step)
+                return
             self.store.abort_uploads(attempt_key + "/")
             self.store.delete_prefix(attempt_key + "/")
         except Exception as exc:  # the store may be unreachable; the next start cleans up
             log.warning("could not clean up the failed save %s (%s)", attempt_key, type(exc).__name__)
 
-    def _retain_quietly(self) -> None:
+    def _retain_quietly(self, committed: int) -> None:
         """Retention never fails a committed save (and never deletes it): a store error is only logged,
         and the next commit (or restart) retries."""
         try:
-            self._retain()
+            self._retain(committed)
         except Exception as exc:
             log.warning("could not delete old checkpoints (%s: %s); retrying after the next commit",
                         type(exc).__name__, str(exc)[:200])
 
-    def _retain(self) -> None:
-        """Delete committed checkpoints beyond the newest `keep`, and uncommitted debris older than the
-        newest commit. Runs only right after a commit, so a committed checkpoint always remains."""
-        committed = self.committed_steps()
-        keep = set(committed[-self.keep :])
-        all_steps = {int(m.group(1)) for key in self._objects() if (m := _STEP_DIR.match(key))}
-        for step in sorted(all_steps):
+    def _retain(self, committed_now: int) -> None:
+        """Keep the newest `keep` intact committed checkpoints up to the one just committed (intact by the
+        sizes latest() checks first: a damaged one never counts, and is deleted); delete the older ones and
+        uncommitted debris older than it. Steps newer than it are not this run's (latest() skipped them, or
+        another writer's) and stay. Runs only right after a commit, which is always kept."""
+        objects = self._objects()
+        committed = [s for s in self.committed_steps() if s <= committed_now]
+        keep: set[int] = set()
+        for step in reversed(committed):
+            if len(keep) < self.keep and (step == committed_now or self._intact(step, objects)):
+                keep.add(step)
+        all_steps = {int(m.group(1)) for key in objects if (m := _STEP_DIR.match(key))}
+        for step in sorted(s for s in all_steps if s <= committed_now):
             if step in committed and step not in keep:
                 # Un-commit first: if deleting the data fails half way, what is left is never loadable.
                 self.store.delete_prefix(f"{step_dir_name(step)}/{MARKER}")
-            if (step in committed and step not in keep) or (step not in committed and step < committed[-1]):
+            if step not in keep:
                 self.store.delete_prefix(step_dir_name(step) + "/")
+
+    def _intact(self, step: int, objects: dict[str, int]) -> bool:
+        """Whether every object of the step's manifest is there at its size (no content checksums: retention
+        runs after every commit, and a local store would read each checkpoint whole)."""
+        try:
+            marker = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
+            return self._mismatch(step, marker, objects, content=False) is None
+        except (ValueError, KeyError, TypeError, OSError):
+            return False
 
     def wait(self, timeout: float | None = None) -> SaveResult | None:
         """Block until the save in flight (if any) is finished and committed; None on timeout."""

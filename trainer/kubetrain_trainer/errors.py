@@ -1,15 +1,40 @@
 """The trainer's errors; each carries the exit code (kubetrain_api.exit_codes) the process ends with."""
 
-from kubetrain_api.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NON_FINITE
+from kubetrain_api.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NON_FINITE, EXIT_STORAGE_UNAVAILABLE
 
 
-class ConfigError(Exception):
+class TrainerError(Exception):
+    """An error the trainer stops with: one line for people, and the exit code the operator classifies."""
+
+    exit_code = 1
+
+
+class ConfigError(TrainerError):
     """A problem the user fixes in the manifest or its inputs. The message names the field and the fix."""
 
     exit_code = EXIT_CONFIG
 
 
-class NonFiniteError(Exception):
+class StorageUnavailableError(TrainerError):
+    """Storage could not be reached at start (S3 5xx or throttling after the retries, a refused connection,
+    DNS, credentials not there yet): it may pass, so the job is restarted rather than failed."""
+
+    exit_code = EXIT_STORAGE_UNAVAILABLE
+
+
+class ConcurrentWriterError(ConfigError):
+    """Another live writer commits checkpoints under the same prefix (two runs or jobs share checkpoint.uri):
+    their checkpoints would interleave, so this run stops instead of retrying its saves. Built by
+    `concurrent_writer` (one plain message: it crosses ranks by pickle)."""
+
+
+def concurrent_writer(prefix: str, detail: str) -> ConcurrentWriterError:
+    return ConcurrentWriterError(
+        f"checkpoint.uri: another writer is saving checkpoints to {prefix} ({detail}); two runs or jobs share "
+        f"this checkpoint.uri. Stop the other one, or give this job a checkpoint.uri of its own")
+
+
+class NonFiniteError(TrainerError):
     exit_code = EXIT_NON_FINITE
 
     def __init__(self, step: int, what: str, last_checkpoint: int | None):
@@ -21,7 +46,7 @@ class NonFiniteError(Exception):
         self.step = step
 
 
-class CheckpointFailedError(Exception):
+class CheckpointFailedError(TrainerError):
     exit_code = EXIT_CHECKPOINT
 
     def __init__(self, failures: int, last_checkpoint: int | None):

@@ -78,14 +78,14 @@ class TokenShards:
 
 class _RemoteSequences:
     def __init__(self, uri: str, seq_length: int, field_name: str, s3: S3Spec, capacity: int):
-        from .storage import S3Store
+        from .storage import S3Store, start_error
 
         self.store = S3Store(uri, s3)
         try:
             self.index = json.loads(self.store.get(INDEX))
         except Exception as exc:
-            raise ConfigError(f"{field_name}: cannot read {uri.rstrip('/')}/{INDEX} ({type(exc).__name__}); point it "
-                              f"at a prefix written by `kubetrain prepare --output s3://...`") from exc
+            raise start_error(f"{field_name}: cannot read {uri.rstrip('/')}/{INDEX}", exc,
+                              "point it at a prefix written by `kubetrain prepare --output s3://...`") from exc
         self.files = [s["file"] for s in self.index["shards"]]
         self.dtype = np.dtype(self.index["dtype"])
         self.seq_length = seq_length

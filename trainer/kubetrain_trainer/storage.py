@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import zlib
@@ -22,7 +23,7 @@ from typing import Any, TypeVar, cast
 
 from kubetrain_api.config import S3Spec
 
-from .errors import ConfigError
+from .errors import ConfigError, StorageUnavailableError, TrainerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +64,30 @@ def _transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or status == 429 or code in ("RequestTimeout", "SlowDown", "InternalError")
     return isinstance(exc, BotoCoreError | ConnectionError | TimeoutError)
+
+
+# Error codes S3 answers for credentials that are there but expired: a refreshed token (IRSA, an instance
+# profile) may fix them by the next start, so they are not the user's to fix.
+_EXPIRED_CREDENTIALS = ("ExpiredToken", "ExpiredTokenException", "RequestExpired", "TokenRefreshRequired")
+
+
+def start_error(message: str, exc: BaseException, fix: str = "") -> TrainerError:
+    """The error a run stops with when storage fails before training starts: `message` names the field,
+    `fix` (for the user's errors) says what to do.
+
+    Where the line is: what S3 answers about the request itself (no such bucket or key, access denied, a bad
+    key id or signature: a 4xx) and what is not there or not readable as expected (a missing object, a
+    malformed index) the user must fix: ConfigError, exit 2, never retried. What may pass (5xx and throttling
+    after the retries, a refused connection, a timeout, DNS, credentials not there yet, e.g. a late IRSA
+    token, or expired ones) is StorageUnavailableError, exit 5, which the operator restarts."""
+    from botocore.exceptions import ClientError
+
+    detail = f"{message} ({type(exc).__name__}: {str(exc)[:200]})"
+    expired = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _EXPIRED_CREDENTIALS
+    if expired or _transient(exc) or isinstance(exc, socket.gaierror):
+        return StorageUnavailableError(f"{detail}; storage is unavailable for now; retrying later may succeed "
+                                       f"(the operator restarts the job)")
+    return ConfigError(f"{detail}; {fix}" if fix else detail)
 
 
 def with_retries(fn: Callable[[], T], attempts: int, what: str, base: float = 0.25, cap: float = 8.0) -> T:
@@ -248,10 +273,17 @@ class S3Store(Store):
                         f"delete {prefix}")
 
     def abort_uploads(self, prefix: str = "") -> int:
-        """Abort incomplete multipart uploads under prefix (a writer that died cannot abort its own)."""
-        resp = self._retry(lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.key(prefix)),
-                           "list uploads")
-        uploads = resp.get("Uploads", [])
+        """Abort incomplete multipart uploads under prefix (a writer that died cannot abort its own); only
+        those under this store's own prefix, every page of the listing (S3 lists 1000 at a time)."""
+        uploads: list[dict[str, Any]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._retry(partial(self.client.list_multipart_uploads, Bucket=self.bucket,
+                                       Prefix=self.key(prefix), **markers), "list uploads")
+            uploads += page.get("Uploads", [])
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
         for up in uploads:
             self._retry(partial(self.client.abort_multipart_upload, Bucket=self.bucket, Key=up["Key"],
                                 UploadId=up["UploadId"]), "abort upload")
@@ -290,7 +322,7 @@ def local_copy(path: str, cache: Path, spec: S3Spec, field_name: str) -> str:
     try:
         return str(fetch_tree(path, cache, spec))
     except Exception as exc:
-        raise ConfigError(f"{field_name}: cannot download {path} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise start_error(f"{field_name}: cannot download {path}", exc) from exc
 
 
 def open_store(uri: str, spec: S3Spec) -> Store:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 from kubetrain_api.config import TrainerConfig
 from kubetrain_api.contract import CONFIG_FLAG, EVENTS_FILE, OUTPUT_FLAG, TRAINER_MODULE
 
-from .errors import CheckpointFailedError, ConfigError, NonFiniteError
+from .errors import ConfigError, TrainerError
 from .events import Events
+from .preemption import die_with_parent
 from .trainer import Trainer
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(OUTPUT_FLAG, dest="output", required=True,
                         help="directory for events, results and the exported model")
     args = parser.parse_args(argv)
+    # torchrun killed (SIGKILL, OOM) leaves its workers leaderless: end with it rather than train on and commit.
+    die_with_parent(signal.SIGKILL)()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(format_validation_error(exc)) from exc
         train(cfg, output)
         return 0
-    except (ConfigError, NonFiniteError, CheckpointFailedError) as exc:
+    except TrainerError as exc:
         # Every pod's entrypoint reports its own exit code from its own node's events.jsonl, so the first process
         # of every node records the error (rank 0's log alone holds the rest of the run). Else worker 1's pod
         # exits 1 (torchrun's code) and the operator could count a restart before worker 0's exit 2 shows.

@@ -30,9 +30,9 @@ from kubetrain_api.exit_codes import EXIT_PREEMPTED
 
 from .checkpoint import CheckpointManager, SaveResult, checkpoint_uri, step_dir_name
 from .distributed import all_sum, init_distributed
-from .errors import CheckpointFailedError, ConfigError, NonFiniteError
+from .errors import CheckpointFailedError, ConcurrentWriterError, NonFiniteError, TrainerError
 from .events import Events
-from .export import export_hf
+from .export import export_hf, publish_export
 from .inputs import open_inputs
 from .metrics import MetricsServer, ProgressState, TrainingMetrics, device_peak_flops
 from .model import build_model, llama_config, load_pretrained_weights, model_cost, model_fingerprint
@@ -40,7 +40,7 @@ from .optim import build_optimizer, lr_at
 from .parallelize import choose_parallelism, no_sync, parallelize
 from .preemption import Preemption
 from .sampler import eval_micro_batches, rank_micro_batches
-from .storage import S3Store, open_store
+from .storage import S3Store, open_store, start_error
 
 log = logging.getLogger("kubetrain.train")
 
@@ -117,18 +117,19 @@ class Trainer:
 
     def _resume(self) -> None:
         """Collective: rank 0 cleans up after a crash and picks the newest intact checkpoint; every rank
-        loads that same step (a storage error is raised on every rank, as a ConfigError)."""
+        loads that same step (a storage error is raised on every rank: storage.start_error's)."""
         latest: list[Any] = [None]  # broadcast_object_list's box
         if self.rank == 0:
             try:
                 self.checkpoints.clean_up_after_crash()
                 latest[0] = self.checkpoints.latest()
+                self.checkpoints.discard_newer_than(latest[0])
                 self.checkpoints.load_catalogue(latest[0])
             except Exception as exc:
-                latest[0] = ConfigError(f"checkpoint.uri: cannot read {self.store.uri} ({type(exc).__name__}: "
-                                        f"{str(exc)[:200]}); check the bucket, s3.endpoint and the credentials")
+                latest[0] = start_error(f"checkpoint.uri: cannot read {self.store.uri}", exc,
+                                        "check the bucket, s3.endpoint and the credentials")
         dist.broadcast_object_list(latest, src=0)
-        if isinstance(latest[0], ConfigError):
+        if isinstance(latest[0], TrainerError):
             raise latest[0]
         step = latest[0]
         if step is None:
@@ -178,6 +179,8 @@ class Trainer:
             self.save(asynchronous=False)
         result = self.checkpoints.wait()
         if result is not None and not result.ok:
+            if self.checkpoints.writer_conflict:
+                raise ConcurrentWriterError(self.checkpoints.writer_conflict)
             raise CheckpointFailedError(self.checkpoints.consecutive_failures, self.committed_step)
         return self._finish()
 
@@ -301,17 +304,28 @@ class Trainer:
     def save(self, asynchronous: bool | None = None) -> None:
         """Collective: start a checkpoint of the current step (asynchronous unless checkpoint.asyncSave is
         off or the caller says otherwise). Stops the job, on every rank, once a rank has seen
-        checkpoint.maxConsecutiveFailures saves in a row fail."""
+        checkpoint.maxConsecutiveFailures saves in a row fail, or at once once rank 0 has seen another
+        writer commit under the same checkpoint.uri."""
         if asynchronous is None:
             asynchronous = self.cfg.checkpoint.async_save
-        failures = torch.tensor(float(self.checkpoints.consecutive_failures), device=self.device)
-        dist.all_reduce(failures, op=dist.ReduceOp.MAX)
-        if failures.item() >= self.cfg.checkpoint.max_consecutive_failures:
+        flags = torch.tensor([float(self.checkpoints.consecutive_failures),
+                              float(self.checkpoints.writer_conflict is not None)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1].item():
+            self._raise_writer_conflict()
+        if flags[0].item() >= self.cfg.checkpoint.max_consecutive_failures:
             raise CheckpointFailedError(self.checkpoints.consecutive_failures, self.committed_step)
         blocked = self.checkpoints.save(self.step, self.model, self.optimizer, self.state_dict(),
                                         asynchronous=asynchronous)
         self.metrics.checkpoint_blocked.observe(blocked)
         self.checkpoint_blocked_seconds += blocked
+
+    def _raise_writer_conflict(self) -> None:
+        """Collective: every rank stops with rank 0's ConcurrentWriterError (it alone commits, so it alone
+        knows what it found)."""
+        message = [self.checkpoints.writer_conflict]
+        dist.broadcast_object_list(message, src=0)
+        raise ConcurrentWriterError(message[0])
 
     def _on_save_result(self, result: SaveResult) -> None:
         """Runs in the checkpoint thread when a save ends: the metrics, /progress and events.jsonl."""
@@ -371,8 +385,7 @@ class Trainer:
             export_hf(self.model, self.mcfg, self.inputs.tokenizer, model_dir, self.layout.dtype, self.rank)
             results["model"] = str(model_dir)
             if self.rank == 0 and isinstance(self.store, S3Store):
-                self.store.upload_tree(model_dir, "hf/")
-                results["modelUri"] = self.store.child_uri("hf/")
+                results["modelUri"] = publish_export(self.store, model_dir, "hf/")
         if self.rank == 0:
             (self.output / RESULTS_FILE).write_text(json.dumps(results, indent=1))
         self.events.emit("done", **results)

@@ -11,6 +11,7 @@ from kubetrain_api.exit_codes import EXIT_PREEMPTED
 from kubetrain_api.manifest import LLMTrainingJob
 
 from ..checkpoint import checkpoint_uri
+from ..errors import StorageUnavailableError
 from .preflight import preflight
 from .prepare import prepare_inputs
 from .progress_bar import Progress
@@ -24,10 +25,15 @@ def run(job: LLMTrainingJob, output: str | None, nproc: int | None, prompt: str 
     out.mkdir(parents=True, exist_ok=True)
     nproc = nproc or job.spec.workers.proc_per_node
     print(f"kubetrain run: job {job.metadata.name}, {nproc} process(es), output {out}")
-    cfg = prepare_inputs(job.spec.trainer_config(), out)
-    if cfg.checkpoint.uri is None:
-        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"uri": checkpoint_uri(cfg, out)})})
-    preflight(cfg, nproc, out)
+    try:
+        cfg = prepare_inputs(job.spec.trainer_config(), out)
+        if cfg.checkpoint.uri is None:
+            cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+                update={"uri": checkpoint_uri(cfg, out)})})
+        preflight(cfg, nproc, out)
+    except StorageUnavailableError as exc:  # one line, as for a ConfigError, but the code that says "retry"
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     progress = Progress(cfg.training.max_steps)
     code, since = launch(cfg, out, nproc, progress)
     if progress.tty:

@@ -9,10 +9,9 @@ from pathlib import Path
 from kubetrain_api.config import TrainerConfig
 
 from ..checkpoint import CheckpointManager, checkpoint_uri
-from ..errors import ConfigError
 from ..inputs import open_inputs
 from ..model import llama_config, model_fingerprint
-from ..storage import open_store
+from ..storage import open_store, start_error
 
 
 def preflight(cfg: TrainerConfig, nproc: int, output: Path) -> None:
@@ -25,7 +24,7 @@ def preflight(cfg: TrainerConfig, nproc: int, output: Path) -> None:
     try:
         latest = manager.latest()
     except Exception as exc:  # storage errors name the operation, never the credentials
-        raise ConfigError(f"checkpoint.uri: cannot list {store.uri} ({type(exc).__name__}: {str(exc)[:200]}); check "
-                          f"the bucket, s3.endpoint and the credentials") from exc
+        raise start_error(f"checkpoint.uri: cannot list {store.uri}", exc,
+                          "check the bucket, s3.endpoint and the credentials") from exc
     if latest is not None:
         manager.check_compatible(latest)

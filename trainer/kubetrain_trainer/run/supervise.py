@@ -17,6 +17,7 @@ from typing import Any
 from kubetrain_api.config import TrainerConfig
 from kubetrain_api.contract import EVENTS_FILE, EventKind, trainer_argv
 
+from ..preemption import die_with_parent
 from .progress_bar import Progress
 
 
@@ -34,7 +35,9 @@ def launch(cfg: TrainerConfig, output: Path, nproc: int, progress: Progress) -> 
            "--max-restarts=0", f"--shutdown-timeout={int(cfg.checkpoint.preemption_grace_seconds) + 10}",
            *trainer_argv(str(config_path), str(output))]
     with (output / "train.log").open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # SIGTERM if this process dies (even by SIGKILL): torchrun then stops its workers as on Ctrl-C.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()))
 
     def forward(signum: int, frame: Any) -> None:  # Ctrl-C or SIGTERM: let the trainer checkpoint first
         with contextlib.suppress(ProcessLookupError):
