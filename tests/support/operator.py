@@ -385,10 +385,10 @@ class Jobs:
 def fast_config(**planner: Any) -> Any:
     from kubetrain_operator.controller import OperatorConfig
 
-    planner = {"below_min_grace_seconds": 1.0, "failed_group_grace_seconds": 1, **planner}
+    planner = {"below_min_grace_seconds": 1.0, "failed_group_grace_seconds": 1, "held_pod_seconds": 1.0, **planner}
     return OperatorConfig(planner=PlannerConfig(**planner),
                           resync_seconds=0.5, progress_interval_seconds=0.1, progress_timeout_seconds=0.5,
-                          expectation_seconds=5.0, error_backoff_seconds=0.1)
+                          expectation_seconds=5.0, error_backoff_seconds=0.1, audit_seconds=1.0)
 
 
 class _NotTheOperators(collections.abc.Container):  # type: ignore[type-arg]
