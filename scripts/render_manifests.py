@@ -36,7 +36,8 @@ resources:
 def render() -> dict[str, str]:
     """File name under manifests/ → content."""
     chart = ROOT / "charts" / "kubetrain"
-    out = subprocess.run([str(HELM), "template", RELEASE, str(chart), "--namespace", NAMESPACE],
+    # --no-hooks: the pre-delete hook is Helm's; `kubectl apply` would run its Job at once (see docs/operations.md)
+    out = subprocess.run([str(HELM), "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--no-hooks"],
                          check=True, capture_output=True, text=True).stdout
     return {"kubetrain.yaml": HEADER + out, "namespace.yaml": NAMESPACE_YAML, "kustomization.yaml": KUSTOMIZATION_YAML}
 

@@ -112,6 +112,24 @@ def _operator(args: argparse.Namespace) -> int:
                         election, args.unhealthy_after)
 
 
+def _operator_uninstall(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kubetrain_operator.leader import default_namespace
+    from kubetrain_operator.runner import StartupError
+    from kubetrain_operator.uninstall import uninstall
+
+    if not args.namespace and not args.all_namespaces:
+        raise SystemExit("kubetrain operator-uninstall: give --namespace NS (repeatable) or --all-namespaces")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(uninstall(args.deployment_namespace or default_namespace(), args.deployment,
+                                     args.lease_name, None if args.all_namespaces else args.namespace, args.timeout))
+    except StartupError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetrain", description="Train Llama-style models from one manifest.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a standby waits for an unrenewed Lease before taking over (renewal: every 2 s)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_operator)
+
+    p = sub.add_parser("operator-uninstall", help="stop the operator's Deployment and remove its finalizer from "
+                       "the jobs (the Helm chart's pre-delete hook)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="namespace served (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="the operator serves every namespace")
+    p.add_argument("--deployment", required=True, help="the operator's Deployment")
+    p.add_argument("--deployment-namespace", help="its namespace (default: $POD_NAMESPACE, else the pod's own)")
+    p.add_argument("--lease-name", default="kubetrain-operator", help="the operator's Lease, beside the Deployment")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the replicas to stop")
+    p.set_defaults(func=_operator_uninstall)
     return parser
 
 

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -46,6 +47,7 @@ class Kube:
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.coordination = client.CoordinationV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
         self._limit = asyncio.Semaphore(concurrency)
         self._retries = retries
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
@@ -195,6 +197,14 @@ class Kube:
         found = await self._call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
         return {str(p["metadata"]["uid"]) for p in found.get("items") or []}
 
+    # the chart's pre-delete hook (uninstall.py): the operator's own Deployment -----------------------
+
+    async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _absent_is_none(self._call(self.apps.read_namespaced_deployment, name, namespace))
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        await self._call(self.apps.patch_namespaced_deployment_scale, name, namespace,
+                         {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH)
 
     # leader election (leader.py): optimistic concurrency through resourceVersion ---------------------
 
@@ -225,6 +235,15 @@ class Kube:
             if exc.status == 409:
                 return None
             raise
+
+
+async def _absent_is_none(call: Awaitable[Any]) -> dict[str, Any] | None:
+    try:
+        return dict(await call)
+    except KubeError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def _unanswered(exc: BaseException, timeout: float | None) -> KubeError:

@@ -14,11 +14,11 @@ from support.chart import NAMESPACE, one, template
 OPERATOR_SRC = ROOT / "operator" / "kubetrain_operator"
 # The API classes the operator's client uses, and the API group each one serves.
 API_GROUPS = {"CoreV1Api": "", "CoordinationV1Api": "coordination.k8s.io", "BatchV1Api": "batch",
-              "CustomObjectsApi": None}
+              "AppsV1Api": "apps", "CustomObjectsApi": None}
 VERBS = {"create": "create", "delete": "delete", "patch": "patch", "read": "get", "replace": "update",
          "list": "list"}
 PLURALS = {"pod": "pods", "service": "services", "config_map": "configmaps", "lease": "leases",
-           "event": "events", "secret": "secrets", "job": "jobs"}
+           "event": "events", "secret": "secrets", "job": "jobs", "deployment": "deployments"}
 
 # What Kopf 1.45 itself calls for our handlers (handlers.py) and settings (runner.py: standalone=True, so no
 # peering objects; handlers.configure: annotation-based progress and diffbase storage). Namespaced: granted in
@@ -166,10 +166,11 @@ def test_rbac_is_exactly_what_the_operator_calls(watch: list[str]) -> None:
     args = ["--set", "watchNamespaces={" + ",".join(watch) + "}"] if watch else []
     cluster, per_ns = granted(template(*args))
     calls = operator_api_calls()
-    leases = {c for c in calls if c[1] == "leases"}  # leader election: the operator's own namespace only
+    # The operator's own namespace only: leader election, and the uninstall hook scaling the Deployment to 0.
+    own = {c for c in calls if c[1] in ("leases", "deployments", "deployments/scale")}
     namespaced, discovery = kopf_needs(clusterwide=not watch)
-    jobs = (calls - leases) | namespaced
-    assert per_ns.pop(NAMESPACE, set()) == leases, "the leader-election Role in the release namespace"
+    jobs = (calls - own) | namespaced
+    assert per_ns.pop(NAMESPACE, set()) == own, "the leader-election Role in the release namespace"
     if watch:
         assert cluster == discovery
         assert per_ns == {ns: jobs for ns in watch}

@@ -113,11 +113,29 @@ def test_helm3_lints_and_renders_exactly_what_helm4_renders() -> None:
 def test_defaults_need_no_prometheus_operator_and_switches_add_each_object() -> None:
     kinds = {o["kind"] for o in template()}
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
-                     "Deployment"}
+                     "Deployment", "Job"}  # the Job: the uninstall hook
     for switch, kind in [("serviceMonitor", "ServiceMonitor"), ("podMonitor", "PodMonitor"),
                          ("prometheusRule", "PrometheusRule"), ("grafanaDashboards", "ConfigMap")]:
         objs = template("--set", f"{switch}.enabled=true")
         assert {o["kind"] for o in objs} - kinds == {kind}, switch
+
+
+@pytest.mark.parametrize("watch", [[], ["ml", "research"]], ids=["all-namespaces", "watch-namespaces"])
+def test_the_uninstall_hook_stops_the_operator_before_helm_deletes_its_rbac(watch: list[str]) -> None:
+    """A pre-delete hook (Helm runs it before deleting anything) as the operator's ServiceAccount, for the
+    namespaces the operator serves; its pod is not selected by the operator's Deployment; never in manifests/
+    (kubectl apply would run it at once)."""
+    objs = template(*(["--set", "watchNamespaces={" + ",".join(watch) + "}"] if watch else []))
+    hook, deploy = one(objs, "Job", "kubetrain-uninstall"), one(objs, "Deployment", "kubetrain-operator")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    pod = hook["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == deploy["spec"]["template"]["spec"]["serviceAccountName"]
+    assert not deploy["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    args = pod["spec"]["containers"][0]["args"]
+    served = [f"--namespace={ns}" for ns in watch] or ["--all-namespaces"]
+    assert args == ["operator-uninstall", *served, "--deployment=kubetrain-operator",
+                    "--lease-name=kubetrain-operator"]
+    assert "kind: Job" not in (ROOT / "manifests" / "kubetrain.yaml").read_text()
 
 
 def test_pod_security_values_reach_the_operator_and_bad_ones_are_refused() -> None:
