@@ -193,6 +193,14 @@ class Kube:
         """Merge-patch a Pod, Service or ConfigMap (a metadata.uid in `patch` is a precondition: 409 otherwise)."""
         return dict(await self._call(self._core("patch", kind), name, namespace, patch, _content_type=MERGE_PATCH))
 
+    async def delete_stage_job(self, namespace: str, name: str) -> None:
+        """A data preparation batch Job, with its pods (background propagation); gone already is fine."""
+        try:
+            await self._call(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
     async def list_pod_uids(self, namespace: str, label_selector: str) -> set[str]:
         found = await self._call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
         return {str(p["metadata"]["uid"]) for p in found.get("items") or []}
