@@ -204,9 +204,15 @@ class Reconciler:
             self.logger.info("pods gone without a DELETED event (a watch gap): %s", ", ".join(sorted(gone)))
         self.ghosts = gone
 
-    def stage(self) -> StageView:
-        """The data preparation's Jobs and pods; a Job we created counts as running until the watch shows it."""
-        jobs = list(self.stage_jobs.get(self.key, [])) if self.stage_jobs is not None else []
+    def stage(self, ref: JobRef) -> tuple[StageView, list[StageJob], list[StageJob]]:
+        """The data preparation's Jobs and pods; a Job we created counts as running until the watch shows it. Only
+        this job's Jobs count (an earlier job's of this name would have it skip or fail its own preparation): the
+        others are returned as stale (to delete) and foreign (a conflict)."""
+        indexed = list(self.stage_jobs.get(self.key, [])) if self.stage_jobs is not None else []
+        whose = {j.uid: ownership(j.owner, j.managed, ref) for j in indexed}
+        jobs = [j for j in indexed if whose[j.uid] == "ours"]
+        stale = [j for j in indexed if whose[j.uid] == "stale"]
+        foreign = [j for j in indexed if whose[j.uid] == "foreign"]
         pods = list(self.stage_pods.get(self.key, [])) if self.stage_pods is not None else []
         seen, now = {j.name for j in jobs}, time.time()
         for name, (job, since) in list(self.stage_created.items()):
@@ -214,7 +220,8 @@ class Reconciler:
                 del self.stage_created[name]
             else:
                 jobs.append(job)
-        return StageView(jobs, pods)
+        # (a stale Job being deleted holds its name: the planner waits for it to go, as for one deleted by anybody)
+        return StageView(jobs + [dataclasses.replace(j, terminating=True) for j in stale], pods), stale, foreign
 
     async def once(self) -> float:
         """One reconcile; returns how long to wait at most before the next."""
@@ -240,7 +247,17 @@ class Reconciler:
         if failed is not None and ownership(failed.owner, failed.managed, view.ref) == "ours" and all(
                 p.uid != failed.uid for p in pods):
             pods = [*pods, failed]  # as last seen: the planner fails the job with its exit (keep_report)
-        p = plan(view, status, pods, now, self.rt.config.planner, self.stage())
+        stage, stale, foreign = self.stage(view.ref)
+        for job in stale:
+            if not job.terminating:
+                await self.rt.kube.delete_stage_job(view.ref.namespace, job.name)
+                self.post_event("Normal", "StaleJobDeleted", f"batch Job {job.name}: left by an earlier job of this "
+                                                             f"name: deleted, this job prepares its own data")
+        if foreign and view.conflict is None:
+            view = dataclasses.replace(view, conflict=f"batch Job {view.ref.namespace}/{foreign[0].name} exists and "
+                                                      f"is not this job's; the job needs that name for its data "
+                                                      f"preparation: delete or rename it, or rename the job")
+        p = plan(view, status, pods, now, self.rt.config.planner, stage)
         p.status_patch.update(gone_report_patch(status, kept, pods, now))
         if not await self.execute(view, p):
             return 0.0  # a pod create was refused: plan again at once, knowing it (planner: CreateFailed)

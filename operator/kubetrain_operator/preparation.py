@@ -16,13 +16,16 @@ makes a rerun (a new Job after a restart, or the same job applied again) exit at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from kubetrain_api.config import TrainerConfig
 from kubetrain_api.manifest import JobSpec
 from kubetrain_api.preparation import Step, needs_preparation, prepared_config, prepared_location
 
 from .coerce import as_dict, as_int, as_list, as_str
+
+if TYPE_CHECKING:  # (ownership → render → this module)
+    from .ownership import Owner
 
 Mode = Literal["none", "job", "init"]
 ROLE = "prepare"  # the stage pods' kubetrain.io/role (workers: "worker")
@@ -100,6 +103,8 @@ class StageJob:
     succeeded: int = 0
     active: int = 0
     terminating: bool = False
+    owner: Owner | None = None  # its controller ownerReference (ownership.py): an earlier job's may be there
+    managed: bool = False  # it carries our labels
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,9 @@ class StageView:
 
 
 def observe_stage_job(body: object) -> StageJob | None:
+    from .ownership import controller_of, managed_by_us  # (ownership → render → this module)
+    from .render import LABEL_JOB
+
     b = as_dict(body)
     meta, status = as_dict(b.get("metadata")), as_dict(b.get("status"))
     labels = as_dict(meta.get("labels"))
@@ -142,7 +150,8 @@ def observe_stage_job(body: object) -> StageJob | None:
             failed, message = True, as_str(c.get("message")) or as_str(c.get("reason"))
     return StageJob(name=name, uid=as_str(meta.get("uid")) or name, step=step, complete=complete, failed=failed,
                     message=message, succeeded=as_int(status.get("succeeded")) or 0,
-                    active=as_int(status.get("active")) or 0, terminating=meta.get("deletionTimestamp") is not None)
+                    active=as_int(status.get("active")) or 0, terminating=meta.get("deletionTimestamp") is not None,
+                    owner=controller_of(meta), managed=managed_by_us(meta, as_str(labels.get(LABEL_JOB)) or ""))
 
 
 def observe_stage_pod(body: object) -> StagePod | None:

@@ -92,7 +92,9 @@ class Sim:
             else:
                 del self.pods[victim.index]
         for i in p.create:
-            assert i not in self.pods, f"created worker {i} over an existing pod"
+            # (over a deleted pod that has ended, held too long: the planner names the new one apart; the Sim keeps
+            # one pod per index, so the held one is dropped)
+            assert i not in self.pods or self.pods[i].ended_while_terminating, f"created worker {i} over a pod"
             self.pods[i] = pod(i, "Pending", uid=f"uid-{i}-{next(self._uids)}")
             self.created += 1
         if p.prepare is not None:  # the stage's batch Job, created as the controller would (active: 1 pod)
