@@ -310,6 +310,8 @@ class Reconciler:
         if p.delete:
             await asyncio.gather(*(self.delete_pod(d.name, d.uid, 0 if d.force else d.grace_seconds)
                                    for d in p.delete))
+        for stage_job in p.stop_stage:
+            await kube.delete_stage_job(ns, stage_job)
         if p.delete_job:
             self.logger.info("ttlSecondsAfterFinished passed: deleting the LLMTrainingJob")
             await kube.delete_job(ns, name)

@@ -88,6 +88,7 @@ class Plan:
     restarts: list[str] = field(default_factory=list)  # reasons of the restarts counted now (metrics)
     names: dict[int, str] = field(default_factory=dict)  # a created worker's name where it is not pod_name's
     prepare: str | None = None  # the data preparation step whose batch Job to create (preparation.py)
+    stop_stage: list[str] = field(default_factory=list)  # data preparation Jobs to delete (a suspend)
 
 
 class Draft:

@@ -71,7 +71,7 @@ def _active(d: Draft, spec: JobSpec, stage: StageView) -> None:
     if late is not None:
         return fail(d, "DeadlineExceeded", late)
     if spec.run_policy.suspend:
-        return suspend.suspend(d)
+        return suspend.suspend(d, stage)
     suspend.resume_if_suspended(d)
     gated = preparation.gate(d, spec, stage)
     if gated is not None:

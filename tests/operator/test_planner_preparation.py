@@ -145,3 +145,18 @@ def test_an_init_container_failing_otherwise_is_a_worker_failure_and_restarted()
     sim.stage.pods.append(StagePod("job-worker-0", "all", "Failed", 1, "Killed", init=True))
     sim.step(1)
     assert sim.phase != "Failed" and sim.restarts == 1
+
+
+def test_a_suspend_while_preparing_stops_the_stage_and_the_resume_starts_it_again() -> None:
+    sim = raw_sim()
+    sim.step()
+    assert [j.name for j in sim.stage.jobs] == ["job-prepare"]
+    sim.spec["runPolicy"] = {"suspend": True}
+    p = sim.step(5)
+    assert p.stop_stage == ["job-prepare"] and sim.phase == "Suspended" and not p.create
+    assert "data preparation stopped (job-prepare)" in sim.status["message"]
+    assert sim.step(5).stop_stage == []  # once
+    sim.stage.jobs.clear()  # gone
+    sim.spec["runPolicy"] = {"suspend": False}
+    p = sim.step(5)
+    assert p.prepare == "all" and sim.phase == "Preparing" and not p.create

@@ -8,6 +8,7 @@ import asyncio
 import collections.abc
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import itertools
 import logging
@@ -97,6 +98,9 @@ class Sim:
             assert i not in self.pods or self.pods[i].ended_while_terminating, f"created worker {i} over a pod"
             self.pods[i] = pod(i, "Pending", uid=f"uid-{i}-{next(self._uids)}")
             self.created += 1
+        for name in p.stop_stage:  # deleted (background propagation: it shows terminating a while)
+            self.stage.jobs[:] = [dataclasses.replace(j, terminating=True) if j.name == name else j
+                                  for j in self.stage.jobs]
         if p.prepare is not None:  # the stage's batch Job, created as the controller would (active: 1 pod)
             name = view.ref.name + JOB_SUFFIXES[p.prepare]
             assert name not in {j.name for j in self.stage.jobs}, f"created the Job {name} twice"
