@@ -55,22 +55,25 @@ operator's code (its API client calls and the Kopf calls its handlers imply): no
 - apiGroups: ["kubetrain.io"]
   resources: ["llmtrainingjobs/status"]
   verbs: ["patch"]
-# Kopf indexes and watches worker pods; the operator creates and deletes them.
+# Kopf indexes and watches worker pods; the operator creates and deletes them, lists a job's pods (the audit of
+# the index) and reads one whose name is taken (whose it is).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
-# The operator creates each job's headless Service, and its ConfigMap (patched when all workers relaunch).
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The operator creates each job's headless Service, and its ConfigMap (patched when all workers relaunch); it
+# reads them before (one of another's is a conflict) and adopts one an earlier job of the same name left.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 # Data preparation: Kopf indexes and watches the stage's batch Jobs; the operator creates them (owned by the
-# LLMTrainingJob, so the garbage collector deletes them with it).
+# LLMTrainingJob, so the garbage collector deletes them with it), and deletes them at a suspend or when an
+# earlier job of the same name left them.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["list", "watch", "create", "delete"]
 # Kopf posts core/v1 Events on the jobs (the operator's kopf.event calls and Kopf's own).
 - apiGroups: [""]
   resources: ["events"]
