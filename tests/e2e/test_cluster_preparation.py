@@ -23,7 +23,7 @@ from cluster.client import Kube, kubectl
 from kubetrain_api.preparation import MARKER
 from kubetrain_trainer.preparation import CORPORA
 from support import ROOT, deep_merge, wait_for
-from support.bed import BUCKET, apply, diagnose, manifest, secret, status, wait_or_explain, workers
+from support.bed import BUCKET, apply, diagnose, ended_recording, manifest, secret, status, wait_or_explain, workers
 from support.s3 import MotoServer, objects
 
 pytestmark = pytest.mark.slow
@@ -72,14 +72,7 @@ def test_tiny_cpu_as_shipped_prepares_in_its_init_container_and_succeeds(
     apply(control_plane, body, tmp_path)
     why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731
     phases: list[str] = []
-
-    def ended() -> bool:
-        phase = status(kube, ns, name).get("phase")
-        if phase and (not phases or phases[-1] != phase):
-            phases.append(phase)
-        return phase in ("Succeeded", "Failed")
-
-    wait_or_explain(ended, why, 480, "tiny-cpu to end")
+    wait_or_explain(ended_recording(kube, ns, name, phases), why, 480, "tiny-cpu to end")
     st = status(kube, ns, name)
     assert st["phase"] == "Succeeded", why()
     assert st["progress"]["step"] == 4 and st.get("restarts", 0) == 0, st
@@ -106,15 +99,7 @@ def test_raw_text_on_s3_is_prepared_once_by_a_stage_job_and_reused_when_the_job_
     apply(control_plane, body, tmp_path)
     why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731
     phases: list[str] = []
-
-    def ended() -> bool:
-        st = status(kube, ns, name)
-        phase = st.get("phase")
-        if phase and (not phases or phases[-1] != phase):
-            phases.append(phase)
-        return phase in ("Succeeded", "Failed")
-
-    wait_or_explain(ended, why, 480, "the job to end")
+    wait_or_explain(ended_recording(kube, ns, name, phases), why, 480, "the job to end")
     st = status(kube, ns, name)
     assert st["phase"] == "Succeeded", why()
     assert phases[0] == "Preparing" and "Running" in phases, phases
@@ -135,7 +120,7 @@ def test_raw_text_on_s3_is_prepared_once_by_a_stage_job_and_reused_when_the_job_
         {"Key": k} for k in objects(client, BUCKET, f"{ns}/{name}/") if "/prepared/" not in k]})
     apply(control_plane, body, tmp_path)
     phases.clear()
-    wait_or_explain(ended, why, 480, "the job applied again to end")
+    wait_or_explain(ended_recording(kube, ns, name, phases), why, 480, "the job applied again to end")
     assert status(kube, ns, name)["phase"] == "Succeeded", why()
     (again,) = stage_pods(kube, ns, name)
     log = pod_logs(local_cluster, ns, again)

@@ -65,6 +65,18 @@ def status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     return dict(job(kube, ns, name).get("status") or {})
 
 
+def ended_recording(kube: Kube, ns: str, name: str, phases: list[str]) -> Any:
+    """A wait condition: the job has ended (Succeeded or Failed); every new phase seen is appended to `phases`."""
+
+    def ended() -> bool:
+        phase = status(kube, ns, name).get("phase")
+        if phase and (not phases or phases[-1] != phase):
+            phases.append(phase)
+        return phase in ("Succeeded", "Failed")
+
+    return ended
+
+
 def workers(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
     return kube.list(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"kubetrain.io/job-name={name}")
 
