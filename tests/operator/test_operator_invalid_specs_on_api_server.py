@@ -31,6 +31,9 @@ OPERATOR_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
     "template": ({"workers": {"podTemplate": {"containers": [{"name": "sidecar"}]}}},
                  "spec.workers.podTemplate.containers: not supported"),
     "9lives": ({}, "metadata.name ('9lives') must start with a letter"),
+    # The server allows dots in a custom object's name, not in the Service named after it (a 422 per retry)
+    "my.job": ({}, "metadata.name ('my.job') must start with a letter and hold only lower-case letters"),
+    "port": ({"metrics": {"port": 29400}}, "spec.metrics.port (29400) is the workers' rendezvous port"),
 }
 
 
