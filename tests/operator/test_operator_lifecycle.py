@@ -78,3 +78,34 @@ def test_a_job_deleted_after_the_operator_stopped_goes_away(kube: Kube, namespac
     kube.delete(jobs.path("job"))
     wait_for(lambda: jobs.get() is None, timeout=30, what="the job to be gone with no operator running")
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_the_uninstall_hook_stops_the_operator_and_releases_the_jobs(kube: Kube, namespace: str, control_plane: Any,
+                                                                     llmtrainingjob_crd: str) -> None:
+    """`kubetrain operator-uninstall` (the chart's pre-delete hook): the operator's Deployment scaled to 0, and
+    the finalizer a killed replica left on a job removed, so the job can be deleted with no operator."""
+    deployments = f"/apis/apps/v1/namespaces/{namespace}/deployments"
+    labels = {"app": "operator"}
+    kube.create(deployments, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kubetrain-operator"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            # never scheduled: the replicas stay Pending, as good as running for the scale-down
+            "spec": {"nodeSelector": {"kubetrain.io/nowhere": "true"},
+                     "containers": [{"name": "operator", "image": "ghcr.io/kubetrain/operator:0.1.0"}]}}}})
+    wait_for(lambda: (kube.get(f"{deployments}/kubetrain-operator").get("status") or {}).get("replicas") == 2,
+             timeout=60, what="the Deployment's two replicas")
+    jobs = Jobs(kube, namespace)
+    manifest = jobs.manifest(runPolicy={"suspend": True})
+    manifest["metadata"]["finalizers"] = [FINALIZER]  # what a replica killed with SIGKILL leaves
+    jobs.create(manifest)
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig), "POD_NAMESPACE": namespace}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    done = subprocess.run([sys.executable, "-m", "kubetrain_cli", "operator-uninstall", "-n", namespace,
+                           "--deployment", "kubetrain-operator", "--timeout", "60"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stopped; removed the finalizer from 1 more jobs" in done.stdout, done.stdout
+    assert kube.get(f"{deployments}/kubetrain-operator")["spec"]["replicas"] == 0
+    kube.delete(jobs.path("job"))
+    wait_for(lambda: jobs.get() is None, timeout=30, what="the job to be gone with no operator running")
