@@ -191,7 +191,7 @@ def test_retention_agrees_with_latest_and_never_deletes_a_newer_good_checkpoint(
                                                                                world_of_one: None) -> None:
     """A damaged checkpoint numbered above the ones this run writes (latest() skips it) used to be the one
     keep=1 kept: every new commit was deleted right after it. Retention now counts intact checkpoints up to
-    the one just committed; the start deletes the damaged newer one (Trainer._resume: discard_newer_than)."""
+    the one just committed; the start deletes the damaged newer one (Trainer._resume: discard_damaged)."""
     model, optimizer = _trained_linear()
     damaged = tmp_path / "step-000000100"
     damaged.mkdir()
@@ -202,7 +202,8 @@ def test_retention_agrees_with_latest_and_never_deletes_a_newer_good_checkpoint(
         manager.save(step, model, optimizer, {"step": step}, asynchronous=False)
         assert manager.latest() == step
     assert manager.committed_steps() == [6, 100]
-    manager.discard_newer_than(manager.latest())
+    assert manager.latest() == 6 and manager.damaged == [100]
+    manager.discard_damaged()
     assert manager.committed_steps() == [6] and not damaged.exists()
     # keep=2: a checkpoint damaged after its commit does not count as one of the two kept, and goes
     manager = CheckpointManager(LocalStore(tmp_path / "two"), keep=2, rank=0, fingerprints={"model": "m"})
@@ -280,3 +281,18 @@ def test_clean_up_aborts_only_this_prefixs_checkpoint_uploads_on_every_page(s3: 
         CheckpointManager(store, 2, 0, {"model": "m"}, s3=spec).clean_up_after_crash()
         left = incomplete_uploads(client, "shared-uploads")
         assert not set(aborted) & set(left) and set(others) <= set(left)
+
+
+def test_a_storage_error_is_never_taken_for_a_damaged_checkpoint(s3: MotoServer, bucket: str,
+                                                                world_of_one: None) -> None:
+    """A read of the newest manifest times out: latest() raises (the start fails, retryably) instead of
+    resuming from an older step, which the start would then take the newer one for damaged and delete."""
+    store = S3Store(f"s3://{bucket}/flaky/", S3Spec.model_validate(s3.s3_section(maxAttempts=1)))
+    model, optimizer = _trained_linear()
+    manager = CheckpointManager(store, 3, 0, {"model": "m"}, s3=store.spec)
+    for step in (1, 2):
+        manager.save(step, model, optimizer, {"step": step}, asynchronous=False)
+    _lose_first_response(store.client, "get_object", lambda kw: kw["Key"] == f"flaky/step-000000002/{MARKER}")
+    with pytest.raises(ReadTimeoutError):
+        manager.latest()
+    assert manager.damaged == [] and manager.latest() == 2

@@ -39,14 +39,13 @@ from kubetrain_api.config import S3Spec, TrainerConfig
 from kubetrain_api.contract import ProgressCheckpoint, checkpoint_catalogue
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from .errors import ConfigError, concurrent_writer
+from .errors import ConfigError, concurrent_writer, first_cause
 from .local_writer import LocalWriter
 from .s3_reader import S3Reader
 from .s3_writer import S3Writer
@@ -106,6 +105,7 @@ class CheckpointManager:
         self.writer_conflict: str | None = None
         # Rank 0's catalogue of the committed checkpoints retention keeps (/progress, the final report).
         self.catalogue: list[ProgressCheckpoint] = []
+        self.damaged: list[int] = []  # committed steps newer than the last latest() that it skipped as damaged
         self._inflight: _InFlight | None = None
         self._writer: Any = None
         self._preparing: threading.Thread | None = None
@@ -120,17 +120,21 @@ class CheckpointManager:
 
     def latest(self) -> int | None:
         """The newest committed checkpoint whose objects all match its manifest: sizes for every candidate
-        (from one listing), then content checksums for the one chosen."""
+        (from one listing), then content checksums for the one chosen. The newer ones it skips are recorded
+        in `damaged`. A storage error is raised, never taken for damage: the start fails (retryably, if it is
+        transient) rather than resume from an older step while a good newer one exists."""
         objects = self._objects()
+        self.damaged = []
         for step in reversed(self.committed_steps()):
             try:
                 marker = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
                 problem = self._mismatch(step, marker, objects)
-                if problem is None:
-                    return step
-                log.warning("checkpoint %s is damaged (%s); skipping it", step, problem)
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                log.warning("checkpoint %s has an unreadable manifest (%s); skipping it", step, exc)
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"unreadable manifest: {type(exc).__name__}: {exc}"
+            if problem is None:
+                return step
+            log.warning("checkpoint %s is damaged (%s); skipping it", step, problem)
+            self.damaged.append(step)
         return None
 
     def load_catalogue(self, resumed: int | None) -> None:
@@ -193,15 +197,15 @@ class CheckpointManager:
             log.info("cleaned up after an interrupted save: %d upload(s) aborted, %d partial checkpoint(s) deleted",
                      aborted, len(debris))
 
-    def discard_newer_than(self, latest: int | None) -> None:
+    def discard_damaged(self) -> None:
         """Rank 0 at start, after `latest`: delete the committed checkpoints newer than the one resumed from
-        (latest skipped them as damaged), so that retention and the commits to come agree with latest: this
-        run's commit of such a step would otherwise find the step taken and stop as if another writer had."""
-        for step in self.committed_steps():
-            if latest is None or step > latest:
-                log.warning("deleting checkpoint %d: it is damaged, and training resumes from %s", step, latest)
-                self.store.delete_prefix(f"{step_dir_name(step)}/{MARKER}")  # un-commit first (see _retain)
-                self.store.delete_prefix(step_dir_name(step) + "/")
+        that it found damaged, so that retention and the commits to come agree with latest: this run's commit
+        of such a step would otherwise find the step taken and stop as if another writer had."""
+        for step in self.damaged:
+            log.warning("deleting checkpoint %d: it is damaged, and training resumes from an older one", step)
+            self.store.delete_prefix(f"{step_dir_name(step)}/{MARKER}")  # un-commit first (see _retain)
+            self.store.delete_prefix(step_dir_name(step) + "/")
+        self.damaged = []
 
     # -- save ----------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -278,7 +282,7 @@ class CheckpointManager:
                                              "time": committed_at or time.time()}
                 self.catalogue = checkpoint_catalogue([*self.catalogue, entry], self.keep)
         except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            message = f"{type(exc).__name__}: {_first_cause(exc)}"
+            message = f"{type(exc).__name__}: {first_cause(exc)}"
             log.error("checkpoint of step %d failed: %s", step, message)
             if self.rank == 0:
                 self._discard(step, key)
@@ -365,11 +369,12 @@ class CheckpointManager:
 
     def _intact(self, step: int, objects: dict[str, int]) -> bool:
         """Whether every object of the step's manifest is there at its size (no content checksums: retention
-        runs after every commit, and a local store would read each checkpoint whole)."""
+        runs after every commit, and a local store would read each checkpoint whole). A storage error is
+        raised (retention is retried after the next commit), never taken for damage."""
         try:
             marker = json.loads(self.store.get(f"{step_dir_name(step)}/{MARKER}"))
             return self._mismatch(step, marker, objects, content=False) is None
-        except (ValueError, KeyError, TypeError, OSError):
+        except (ValueError, KeyError, TypeError):
             return False
 
     def wait(self, timeout: float | None = None) -> SaveResult | None:
@@ -409,29 +414,3 @@ class CheckpointManager:
                  f" ({requests} ranged GETs by this rank)" if requests is not None else "")
         return dict(json.loads(self.store.get(f"{key}/{STATE}")))
 
-
-def _first_cause(exc: BaseException) -> str:
-    """DCP wraps per-rank failures; name the underlying error (never the request, which may be signed)."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        rank, inner = next(iter(failures.items()))
-        inner_exc = inner[0] if isinstance(inner, tuple) else inner
-        root = _root_cause(inner_exc)
-        return f"rank {rank}: {type(root).__name__}: {str(root)[:300]}"
-    root = _root_cause(exc)
-    return f"{type(root).__name__}: {str(root)[:300]}" if root is not exc else str(exc)[:300]
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first error of a chain (e.g. the S3 error under torch.save's 'unexpected pos')."""
-    seen = set()
-    while (nxt := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None \
-            and id(nxt) not in seen:
-        seen.add(id(exc))
-        exc = nxt
-    return exc
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """Collective: the unsharded model weights on CPU, on rank 0 only (empty elsewhere)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

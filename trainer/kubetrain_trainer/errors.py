@@ -55,3 +55,27 @@ class CheckpointFailedError(TrainerError):
             f"no more training is lost. The newest committed checkpoint is step {last_checkpoint}. Check "
             f"checkpoint.uri, the s3 settings and the credentials, or raise checkpoint.maxConsecutiveFailures"
         )
+
+
+def first_cause(exc: BaseException) -> str:
+    """The underlying error of a failed save, named (DCP wraps per-rank failures), never the request (which
+    may be signed)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, inner = next(iter(failures.items()))
+        inner_exc = inner[0] if isinstance(inner, tuple) else inner
+        root = root_cause(inner_exc)
+        return f"rank {rank}: {type(root).__name__}: {str(root)[:300]}"
+    root = root_cause(exc)
+    return f"{type(root).__name__}: {str(root)[:300]}" if root is not exc else str(exc)[:300]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first error of a chain (e.g. the S3 error under torch.save's 'unexpected pos')."""
+    seen = set()
+    while (nxt := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None \
+            and id(nxt) not in seen:
+        seen.add(id(exc))
+        exc = nxt
+    return exc
+

@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from .checkpoint import full_state_dict
 from .storage import Store, put_tree
 
 EXPORT_MARKER = "COMPLETE"  # written last: the export under its prefix is whole, and only its files are there
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """Collective: the unsharded model weights on CPU, on rank 0 only (empty elsewhere)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def export_hf(model: torch.nn.Module, mcfg: Any, tokenizer: Any, out: Path, dtype: torch.dtype, rank: int) -> None:

@@ -123,7 +123,7 @@ class Trainer:
             try:
                 self.checkpoints.clean_up_after_crash()
                 latest[0] = self.checkpoints.latest()
-                self.checkpoints.discard_newer_than(latest[0])
+                self.checkpoints.discard_damaged()
                 self.checkpoints.load_catalogue(latest[0])
             except Exception as exc:
                 latest[0] = start_error(f"checkpoint.uri: cannot read {self.store.uri}", exc,
