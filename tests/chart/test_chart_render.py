@@ -244,3 +244,16 @@ def test_examples_render(example: Path) -> None:
     assert any(o["kind"] == "Pod" for o in objs)
     for obj in objs:
         kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_operators_default_ports_are_the_charts_and_not_prometheus() -> None:
+    """`kubetrain operator` run by hand serves where the chart's Service and probes look, and never on 9090
+    (Prometheus' default: an operator beside a Prometheus could not bind it)."""
+    from kubetrain_cli.main import build_parser
+
+    args = build_parser().parse_args(["operator", "-A"])
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert (args.metrics_port, args.liveness_port) == (values["ports"]["metrics"], values["ports"]["liveness"])
+    assert 9090 not in (args.metrics_port, args.liveness_port, values["service"]["port"])
+    service = one(template(), "Service", "kubetrain-metrics")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"  # the container port named from ports.metrics
