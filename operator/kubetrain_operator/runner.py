@@ -73,8 +73,14 @@ def api_healthy(last_answer: float, now: float, unhealthy_after: float) -> bool:
 
 
 async def release_finalizers(kube: Kube, namespaces: Sequence[str] | None, finalizer: str) -> int:
-    """Remove `finalizer` from every served job that has it (namespaces None: all); how many it did."""
-    jobs = [job for ns in (namespaces if namespaces is not None else [None]) for job in await kube.list_jobs(ns)]
+    """Remove `finalizer` from every served job that has it (namespaces None: all); how many it did. Failures
+    are logged, not raised: a shutdown goes on (during `helm uninstall --no-hooks` the RBAC is gone already)."""
+    try:
+        jobs = [job for ns in (namespaces if namespaces is not None else [None]) for job in await kube.list_jobs(ns)]
+    except KubeError as exc:
+        log.warning("could not list the jobs to remove the finalizer %s (docs/operations.md, Uninstall): %s",
+                    finalizer, exc)
+        return 0
     removals = [kube.remove_job_finalizer(job["metadata"]["namespace"], job["metadata"]["name"], finalizer,
                                           job["metadata"]["finalizers"].index(finalizer))
                 for job in jobs if finalizer in (job["metadata"].get("finalizers") or [])]
