@@ -332,8 +332,14 @@ def test_killing_the_leader_hands_over_to_the_standby_and_it_comes_back_on_stand
 @explained
 def test_helm_uninstall_removes_the_operator_and_its_pods_stop_gracefully(
         release: Release, kube: Kube, local_cluster: Any) -> None:
-    """`helm uninstall` as one scenario (it can only happen once per release): the objects go, and the
-    operator's pods stop on SIGTERM with exit 0."""
+    """`helm uninstall` as one scenario (it can only happen once per release): the objects go, the
+    operator's pods stop on SIGTERM with exit 0, and a job left behind can still be deleted (the pre-delete
+    hook stopped the operator while its RBAC existed, so Kopf's finalizer was removed)."""
+    jobs = ns_path(release.jobs, "llmtrainingjobs", group="kubetrain.io", version="v1alpha1")
+    kube.create(jobs, {"apiVersion": "kubetrain.io/v1alpha1", "kind": "LLMTrainingJob", "metadata": {"name": "kept"},
+                       "spec": spec_dict(runPolicy={"suspend": True})})
+    wait_for(lambda: "kubetrain.io/finalizer" in (kube.get(f"{jobs}/kept")["metadata"].get("finalizers") or []),
+             timeout=30, what="Kopf's finalizer on the job")
     pods_path = ns_path(release.namespace, "pods")
     listing = kube.get(pods_path, labelSelector=release.selector)
     names = {p["metadata"]["name"] for p in listing["items"]}
@@ -382,4 +388,8 @@ def test_helm_uninstall_removes_the_operator_and_its_pods_stop_gracefully(
     assert not kube.list(f"/apis/apps/v1/namespaces/{release.namespace}/replicasets", labelSelector=release.selector)
     # Helm leaves the CRD (crds/ are installed, never deleted), so the jobs of other releases survive
     assert kube.find("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/llmtrainingjobs.kubetrain.io")
+    assert kube.find(f"/apis/batch/v1/namespaces/{release.namespace}/jobs/{release.fullname}-uninstall") is None
+    assert "kubetrain.io/finalizer" not in (kube.get(f"{jobs}/kept")["metadata"].get("finalizers") or [])
+    kube.delete(f"{jobs}/kept")
+    wait_for(lambda: kube.find(f"{jobs}/kept") is None, timeout=30, what="the job to go with no operator left")
     print(f"helm uninstall: pods gone after {gone:.1f}s")
