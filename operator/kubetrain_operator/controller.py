@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-from kubetrain_api.contract import PROGRESS_PATH
 from kubetrain_api.manifest import JobSpec
-from kubetrain_api.status import RESTARTING, RUNNING, TERMINAL
+from kubetrain_api.status import TERMINAL
 
 from .bookkeeping import OWNED, apply_merge_patch
 from .draft import CreateFailure
@@ -30,7 +29,7 @@ from .ownership import adoption_patch, conflict_message, object_ownership, owner
 from .planner import JobView, Plan, PlannerConfig, plan
 from .pods import ObservedPod, classify, observe_pod
 from .preparation import StageJob, StageView
-from .progress import fetch_progress, gone_report_patch, progress_patch, report_to_keep
+from .progress import gone_report_patch, report_to_keep
 from .render import JobRef, render_configmap, render_pod, render_service, render_stage_job, selector
 from .validate import validate_job
 
@@ -413,45 +412,3 @@ async def reconcile_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
         rt.reports.pop(reconciler.key, None)
         rt.progress_read.pop(reconciler.key, None)
         rt.failures.pop(reconciler.key, None)
-
-
-async def progress_loop(rt: Runtime, body: Any, stopped: Flag, index: Any,
-                        logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-    meta = body.get("metadata") or {}
-    key: JobKey = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-    answered: str | None = None  # the pod that served /progress last (global rank 0)
-    while not stopped:
-        try:
-            answered = await poll_progress(rt, body, index, key, answered)
-        except Exception as exc:
-            rt.metrics.errors.labels(kind="progress").inc()
-            logger.warning("progress update failed: %r", exc)
-        await stopped.wait(rt.config.progress_interval_seconds)
-
-
-async def poll_progress(rt: Runtime, body: Any, index: Any, key: JobKey, answered: str | None) -> str | None:
-    status = body.get("status") or {}
-    if status.get("phase") not in (RUNNING, RESTARTING):
-        return answered
-    spec = validate_job(key[1], body.get("spec")).spec  # (a size-only error still has a readable spec)
-    if spec is None or not spec.metrics.port:
-        return answered
-    pods = [p for p in (index.get(key, []) if index is not None else [])
-            if p.ip and p.phase == "Running" and not p.terminating]
-    pods.sort(key=lambda p: (p.name != answered, p.index))  # worker 0 first, or whoever answered before
-    for pod in pods:
-        host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
-        data = await fetch_progress(rt.session, f"http://{host}:{spec.metrics.port}{PROGRESS_PATH}",
-                                    rt.config.progress_timeout_seconds)
-        if data is None:
-            continue
-        rt.metrics.progress_reads.labels(result="ok").inc()
-        if rt.progress_read.get(key) is None:
-            rt.wake(*key)  # ProgressKnown turns True
-        rt.progress_read[key] = time.time()
-        patch = progress_patch(status, data, time.time())
-        if patch:
-            await rt.kube.patch_job_status(key[0], key[1], patch)
-        return pod.name
-    rt.metrics.progress_reads.labels(result="unanswered").inc()
-    return answered

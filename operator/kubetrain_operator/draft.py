@@ -47,7 +47,7 @@ class JobView:
     # the job's (ownership.py), and the API server refusing to create its pods (quota, admission, a webhook).
     conflict: str | None = None
     create_failure: CreateFailure | None = None
-    progress_read: float | None = None  # when a worker last answered /progress (controller.poll_progress)
+    progress_read: float | None = None  # when a worker last answered /progress (progress_loop.poll_progress)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from typing import Any
 import kopf
 from kubetrain_api.manifest import GROUP, PLURAL, VERSION
 
-from .controller import OperatorConfig, Runtime, progress_loop, reconcile_loop
+from .controller import OperatorConfig, Runtime, reconcile_loop
 from .pods import ObservedPod, observe_pod
 from .preparation import ROLE, StageJob, StagePod, observe_stage_job, observe_stage_pod
+from .progress_loop import progress_loop
 from .render import LABEL_JOB, LABEL_ROLE
 
 JOBS = (GROUP, VERSION, PLURAL)
