@@ -178,9 +178,13 @@ class Trainer:
         if self.committed_step != self.step:
             self.save(asynchronous=False)
         result = self.checkpoints.wait()
-        if result is not None and not result.ok:
-            if self.checkpoints.writer_conflict:
-                raise ConcurrentWriterError(self.checkpoints.writer_conflict)
+        # Agreed by all ranks (rank 0 alone commits), so that none goes on to the export's collectives alone.
+        failed = torch.tensor([float(result is not None and not result.ok),
+                               float(self.checkpoints.writer_conflict is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed[1].item():
+            self._raise_writer_conflict()
+        if failed[0].item():
             raise CheckpointFailedError(self.checkpoints.consecutive_failures, self.committed_step)
         return self._finish()
 
