@@ -7,6 +7,8 @@ torchrun in pods on the local nodes.
   only the corpus the image bakes (pods have no network): a read-only hostPath at KUBETRAIN_CORPORA.
 - raw .txt files under an s3:// prefix, two workers, checkpoints on S3: a stage Job prepares them under the
   job's S3 location (phase Preparing) and the workers train; the job deleted and applied again reuses the output.
+- the stage fanned out (`preparation.parts: 2`: tokenizer, an Indexed Job of two parts, merge) beside a job whose
+  prefix holds no text (its stage pod exits 2: PreparationFailed at once, with the stage's message).
 
 Fixtures: tests/e2e/conftest.py; the helpers: tests/support/bed.py."""
 
@@ -128,3 +130,41 @@ def test_raw_text_on_s3_is_prepared_once_by_a_stage_job_and_reused_when_the_job_
     after = client.head_object(Bucket=BUCKET, Key=marker)
     assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
     assert objects(client, BUCKET, f"{ns}/{name}/prepared/") == stored  # nothing tokenised again
+
+
+def test_a_fanned_out_stage_merges_one_index_and_a_stage_with_no_input_fails_the_job_at_once(
+        local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
+        small_corpus: Path, tmp_path: Path) -> None:
+    """Two jobs side by side: `preparation.parts: 2` runs the tokenizer Job, an Indexed Job of two parts and the
+    merge Job, then trains on the one index; a prefix with no text fails at its stage pod's exit 2, with the
+    stage's message, and no worker ever starts."""
+    ns, client = namespace, bed_s3.client()
+    for f in sorted(small_corpus.glob("*.txt")):
+        client.upload_file(str(f), BUCKET, f"{ns}/raw-text/{f.name}")
+    common = {"tokenizer": {"path": None, "train": {"vocabSize": 512}},
+              "training": {"maxSteps": 3, "evalEvery": 3}, "checkpoint": {"everySteps": 3, "exportHF": False}}
+    credentials = secret(kube, ns)
+    fan = manifest(ns, "fan", bed_s3, credentials, preparation={"parts": 2},
+                   data={"train": f"s3://{BUCKET}/{ns}/raw-text/", "validation": None, "validationSplit": 0.2},
+                   **common)
+    empty = manifest(ns, "empty", bed_s3, credentials,
+                     data={"train": f"s3://{BUCKET}/{ns}/nothing-here/", "validation": None}, **common)
+    apply(control_plane, fan, tmp_path)
+    apply(control_plane, empty, tmp_path)
+    why = lambda: diagnose(local_cluster, kube, ns, "fan", tmp_path / "operator.log")  # noqa: E731
+    wait_or_explain(ended_recording(kube, ns, "empty", []), why, 240, "the job with no input to end")
+    st = status(kube, ns, "empty")
+    assert (st["phase"], st["reason"]) == ("Failed", "PreparationFailed"), st
+    assert "data.train: no .txt/.jsonl/.parquet objects match" in st["message"], st["message"]
+    assert "(exit 2)" in st["message"], st["message"]
+    assert not workers(kube, ns, "empty") or all(
+        p["metadata"]["labels"].get("kubetrain.io/role") == "prepare" for p in workers(kube, ns, "empty"))
+    phases: list[str] = []
+    wait_or_explain(ended_recording(kube, ns, "fan", phases), why, 480, "the fanned-out job to end")
+    assert status(kube, ns, "fan")["phase"] == "Succeeded", why()
+    assert phases[0] == "Preparing" and "Running" in phases, phases
+    stage = sorted(stage_pods(kube, ns, "fan"))
+    assert [p.rsplit("-", 1)[0] for p in stage] == ["fan-merge-0", "fan-prepare-0", "fan-prepare-1",
+                                                    "fan-tokenizer-0"], stage
+    stored = objects(client, BUCKET, f"{ns}/fan/prepared/")
+    assert sum(k.endswith("/" + MARKER) for k in stored) == 1 and any("/train/" in k for k in stored), sorted(stored)
