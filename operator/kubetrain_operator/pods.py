@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetrain_api.contract import parse_termination_message
-from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED
+from kubetrain_api.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_STORAGE_UNAVAILABLE
 
 from .coerce import as_dict, as_int, as_list, as_str, is_digits
 from .ownership import Owner, controller_of, managed_by_us
@@ -143,6 +143,9 @@ def classify(pod: ObservedPod) -> Outcome:
     if code == EXIT_NON_FINITE:
         return Outcome("NonFiniteLoss", False, f"{pod.name}: the loss or gradients became NaN/inf (exit {code})"
                                                f"{detail}")
+    if code == EXIT_STORAGE_UNAVAILABLE:
+        return Outcome("StorageUnavailable", True, f"{pod.name}: storage was unreachable at start (exit {code})"
+                                                   f"{detail}; restarting may help")
     if code == EXIT_PREEMPTED:
         return Outcome("Preempted", True, f"{pod.name} was stopped (SIGTERM) after committing a checkpoint "
                                           f"(exit {code})")

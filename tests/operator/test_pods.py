@@ -55,6 +55,7 @@ def test_observe_pod_never_raises(body: Any) -> None:
     ({"phase": "Failed", "exit_code": 2}, "ConfigError", False),
     ({"phase": "Failed", "exit_code": 3}, "NonFiniteLoss", False),
     ({"phase": "Failed", "exit_code": 143}, "Preempted", True),
+    ({"phase": "Failed", "exit_code": 5}, "StorageUnavailable", True),
     ({"phase": "Failed", "exit_code": 137, "container_reason": "OOMKilled"}, "OOMKilled", True),
     ({"phase": "Failed", "exit_code": 137}, "Signal", True),
     ({"phase": "Failed", "pod_reason": "Evicted"}, "Evicted", True),
