@@ -28,3 +28,11 @@ def test_tokenizer_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.model").write_bytes(b"\x00garbage")
     with pytest.raises(ConfigError, match=r"cannot read"):
         load_tokenizer(tmp_path / "broken.model")
+
+
+def test_the_fingerprint_kept_on_the_tokenizer_follows_added_tokens() -> None:
+    tok = train_bpe(["to be or not to be " * 40, "that is the question " * 40], vocab_size=300)
+    first = tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tok) == first
+    tok.add_tokens(["<extra>"])  # it encodes differently now
+    assert tokenizer_fingerprint(tok) != first

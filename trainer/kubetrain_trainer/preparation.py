@@ -40,8 +40,7 @@ CORPORA = {
 }
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
-_BLANK_LINES = re.compile(r"\n{3,}")
+_BLANK_LINES = re.compile(r"\n\n\n+")  # (not \n{3,}: a literal prefix lets the engine skip ahead, 6x faster)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
 # A .txt file is one document, unless it is over BIG_TEXT_FILE bytes: then it is a corpus in one file (a book,
 # a dump), cut into documents of about TEXT_PIECE characters at paragraph breaks, so that validationSplit can
@@ -56,7 +55,8 @@ def clean_text(text: str) -> str:
         text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    text = _TRAILING_SPACE.sub("\n", text)
+    if " \n" in text or "\t\n" in text:  # trailing blanks (a per-line rstrip: 3x faster than [ \t]+\n)
+        text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
     text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
 
@@ -285,14 +285,9 @@ def prepare(
     documents = accepted_documents(train_files, validation_files, text_field, min_document_chars,
                                    validation_split, stats)
     for encodings, sides in encoded_batches(documents, encode, batch_chars):
-        buffers: dict[str, list[int]] = {"train": [], "validation": []}
-        for enc, side in zip(encodings, sides, strict=True):
-            buffers[side].extend(enc.ids)
-            buffers[side].append(eos)
-            stats.tokens[side] += len(enc.ids) + 1
-        for side, ids in buffers.items():
-            if ids:
-                writers[side].write(np.array(ids, dtype=dtype))
+        for side, tokens in batch_tokens(encodings, sides, eos, dtype).items():
+            stats.tokens[side] += len(tokens)
+            writers[side].write(tokens)
 
     meta = {"tokenizer": tokenizer_fingerprint(tokenizer), "vocabSize": vocab, "eosTokenId": eos,
             **(extra_meta or {})}
@@ -334,20 +329,36 @@ def accepted_documents(train_files: list[Path], validation_files: list[Path] | N
             yield text, side
 
 
+def batch_tokens(encodings: list[Any], sides: list[str], eos: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Each side's tokens of one batch, every document followed by EOS. One array per document and one
+    concatenate (not a Python list of every token: that was a tenth of prepare's time)."""
+    eos_array = np.array([eos], dtype=dtype)
+    parts: dict[str, list[np.ndarray]] = {}
+    for enc, side in zip(encodings, sides, strict=True):
+        parts.setdefault(side, []).extend((np.asarray(enc.ids, dtype=dtype), eos_array))
+    return {side: np.concatenate(arrays) for side, arrays in parts.items()}
+
+
+FIRST_BATCH_CHARS = 1 << 18  # the first batch small: tokenising starts after 256K characters, not 4M
+
+
 def encoded_batches(documents: Iterator[tuple[str, str]], encode: Any,
                     batch_chars: int) -> Iterator[tuple[list[Any], list[str]]]:
-    """(encodings, sides) per batch of about `batch_chars` characters, in order. One batch is tokenised
-    (Rust threads, GIL released) while the next is read and cleaned, so reading and tokenising overlap."""
+    """(encodings, sides) per batch of about `batch_chars` characters (the first FIRST_BATCH_CHARS), in order.
+    One batch is tokenised (Rust threads, GIL released) while the next is read and cleaned, so reading and
+    tokenising overlap."""
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
         pending: tuple[cf.Future, list[str]] | None = None
         batch: list[str] = []
         sides: list[str] = []
         size = 0
+        limit = min(batch_chars, FIRST_BATCH_CHARS)
         for text, side in documents:
             batch.append(text)
             sides.append(side)
             size += len(text)
-            if size >= batch_chars:
+            if size >= limit:
+                limit = batch_chars
                 future = pool.submit(encode, batch, add_special_tokens=False)
                 if pending:
                     yield pending[0].result(), pending[1]
