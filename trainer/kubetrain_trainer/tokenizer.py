@@ -80,5 +80,5 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
         return str(cached[1])
     spec = json.loads(tok.backend_tokenizer.to_str())
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    tok._kubetrain_fingerprint = (len(tok), fingerprint)  # type: ignore[attr-defined]
+    tok._kubetrain_fingerprint = (len(tok), fingerprint)
     return fingerprint
