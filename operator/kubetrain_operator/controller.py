@@ -212,13 +212,17 @@ class Reconciler:
         jobs = [j for j in indexed if whose[j.uid] == "ours"]
         stale = [j for j in indexed if whose[j.uid] == "stale"]
         foreign = [j for j in indexed if whose[j.uid] == "foreign"]
-        pods = list(self.stage_pods.get(self.key, [])) if self.stage_pods is not None else []
         seen, now = {j.name for j in jobs}, time.time()
         for name, (job, since) in list(self.stage_created.items()):
             if name in seen or now - since > self.rt.config.expectation_seconds:
                 del self.stage_created[name]
             else:
                 jobs.append(job)
+        ours = {j.uid for j in jobs}
+        # (a worker's init container is ours when the worker is; a stage pod when its batch Job is)
+        pods = [p for p in (self.stage_pods.get(self.key, []) if self.stage_pods is not None else [])
+                if (ownership(p.owner, p.managed, ref) == "ours" if p.init else
+                    p.owner is not None and p.owner.uid in ours)]
         # (a stale Job being deleted holds its name: the planner waits for it to go, as for one deleted by anybody)
         return StageView(jobs + [dataclasses.replace(j, terminating=True) for j in stale], pods), stale, foreign
 

@@ -118,6 +118,10 @@ class StagePod:
     message: str | None = None  # the termination message (the stage's last log lines on failure)
     init: bool = False
     created: str = ""  # creationTimestamp: the newest failure is the one reported
+    # Whose it is (controller.Reconciler.stage keeps only the job's): a stage pod's controller is its batch Job, a
+    # worker's (init) the LLMTrainingJob.
+    owner: Owner | None = None
+    managed: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,9 @@ def observe_stage_job(body: object) -> StageJob | None:
 
 def observe_stage_pod(body: object) -> StagePod | None:
     """A stage Job's pod, or a worker pod's `prepare` init container; None for anything else."""
+    from .ownership import controller_of, managed_by_us  # (ownership → render → this module)
+    from .render import LABEL_JOB
+
     b = as_dict(body)
     meta, status = as_dict(b.get("metadata")), as_dict(b.get("status"))
     labels = as_dict(meta.get("labels"))
@@ -166,14 +173,16 @@ def observe_stage_pod(body: object) -> StagePod | None:
     if labels.get("kubetrain.io/role") == ROLE:
         state = _container_state(as_list(status.get("containerStatuses")))
         phase = as_str(status.get("phase")) or "Pending"
-        return StagePod(name, as_str(labels.get(LABEL_STEP)) or "all", phase, *state, created=created)
+        return StagePod(name, as_str(labels.get(LABEL_STEP)) or "all", phase, *state, created=created,
+                        owner=controller_of(meta), managed=managed_by_us(meta, as_str(labels.get(LABEL_JOB)) or ""))
     for cs in as_list(status.get("initContainerStatuses")):
         if as_dict(cs).get("name") == CONTAINER:
             code, message = _container_state([cs])
             st = as_dict(as_dict(cs).get("state"))
             phase = ("Succeeded" if code == 0 else "Failed") if code is not None else (
                 "Running" if st.get("running") is not None else "Pending")
-            return StagePod(name, "all", phase, code, message, init=True, created=created)
+            return StagePod(name, "all", phase, code, message, init=True, created=created, owner=controller_of(meta),
+                            managed=managed_by_us(meta, as_str(labels.get(LABEL_JOB)) or ""))
     return None
 
 
