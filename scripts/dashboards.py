@@ -138,7 +138,8 @@ OPERATOR = {
                                        '{job="$operator_job"}[$__rate_interval]))', "{{reason}}")]),
         panel("Errors", [q('sum by (kind) (increase(kubetrain_operator_errors_total{job="$operator_job"}'
                            '[$__rate_interval]))', "{{kind}}")],
-              description="Failed reconciles and progress reads (each is retried)."),
+              description="Failed reconciles, pod creates the API server refused, and progress reads (each is "
+                          "retried)."),
         panel("Progress reads", [q('sum by (result) (rate(kubetrain_operator_progress_reads_total'
                                    '{job="$operator_job"}[$__rate_interval]))', "{{result}}")], unit="reqps"),
         panel("Replicas up", [q('sum(up{job="$operator_job"})', "up")], kind="stat",

@@ -298,6 +298,7 @@ class Reconciler:
                     metrics.pods_created.inc()
             refused = [r for r in results if isinstance(r, str)]
             if refused:
+                metrics.errors.labels(kind="create").inc()
                 attempts = self.create_failure.attempts + 1 if self.create_failure is not None else 1
                 self.create_failure = CreateFailure(refused[0], answered, attempts)
                 self.logger.warning("creating a worker pod was refused: %s", refused[0])

@@ -75,8 +75,9 @@ class OperatorMetrics:
         self.pods_deleted = Counter("kubetrain_operator_pods_deleted", "Worker pods deleted", registry=r)
         self.restarts = Counter("kubetrain_operator_restarts", "Worker restarts counted, by reason", ["reason"],
                                 registry=r)
-        self.errors = Counter("kubetrain_operator_errors", "Failed reconciles and progress reads, by kind",
-                              ["kind"], registry=r)
+        self.errors = Counter("kubetrain_operator_errors",
+                              "Failed reconciles, refused pod creates and progress reads, by kind", ["kind"],
+                              registry=r)
         self.progress_reads = Counter("kubetrain_operator_progress_reads", "Reads of worker 0's /progress",
                                       ["result"], registry=r)
         r.register(_JobsCollector(jobs))

@@ -188,19 +188,19 @@ async def operator_process(tmp_path: Path, kubeconfig: Path, namespace: str,
     assert "Traceback" not in (tmp_path / "operator.log").read_text(), (tmp_path / "operator.log").read_text()[-3000:]
 
 
-def reconcile_errors(port: int) -> float:
-    """The operator's own count of failed reconciles, read off its /metrics."""
+def create_errors(port: int) -> float:
+    """The operator's own count of pod creates the API server refused, read off its /metrics."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return 0.0
     return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('kubetrain_operator_errors_total{kind="reconcile"}'))
+               if line.startswith('kubetrain_operator_errors_total{kind="create"}'))
 
 
 async def operator_scenario(jobs: Jobs, kubelet: PlayedKubelet, trainer_port: int, operator_port: int) -> None:
-    """Drives the operator through what its dashboard shows: a failed reconcile (a ResourceQuota of no pods:
-    the API server refuses the pod creations), pod creations, running workers whose worker 0 is the live
+    """Drives the operator through what its dashboard shows: an error (a ResourceQuota of no pods: the API server
+    refuses the pod creations), pod creations, running workers whose worker 0 is the live
     trainer (its /progress is read)."""
     kube, namespace = jobs.kube, jobs.namespace
     quotas = ns_path(namespace, "resourcequotas")
@@ -208,8 +208,8 @@ async def operator_scenario(jobs: Jobs, kubelet: PlayedKubelet, trainer_port: in
                          "spec": {"hard": {"pods": "0"}}})
     await wait_until(lambda: kube.get(f"{quotas}/no-pods").get("status", {}).get("hard"), what="the quota's status")
     jobs.create(jobs.manifest(JOB, metrics={"port": trainer_port}, runPolicy={"restartBackoffSeconds": 0}))
-    await wait_until(lambda: asyncio.to_thread(reconcile_errors, operator_port), timeout=30,
-                     what="a reconcile failing on the quota")
+    await wait_until(lambda: asyncio.to_thread(create_errors, operator_port), timeout=30,
+                     what="a pod create refused for the quota")
     kube.delete(f"{quotas}/no-pods")
     await wait_until(lambda: len(kubelet.pods(JOB)) == 2, timeout=30, what="2 worker pods")
     await kubelet.run_all(JOB)  # running, at the trainer's address (worker 0 serves /progress)
