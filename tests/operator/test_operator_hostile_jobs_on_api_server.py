@@ -10,39 +10,17 @@ follows no redirect and inflates nothing (bounds: kubetrain_api.manifest, valida
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from cluster.client import ApiError, Kube
-from support import free_port, wait_for, wait_until
+from support import wait_for, wait_until
+from support.http_server import serving
 from support.operator import Jobs, PlayedKubelet, running_operator
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("kubeconfig")]
 HUGE = {"nodes": 1, "minNodes": 1, "maxNodes": 10_000}  # the most kubetrain_api.manifest.MAX_NODES allows
 UNSPLITTABLE = {"globalBatchSize": 720720, "microBatchSize": 1}  # splits over 240 sizes of 1..10000
-
-
-@asynccontextmanager
-async def serving(handler: Callable[[Any], Any], seen: list[str]) -> AsyncIterator[int]:
-    """A real HTTP server on 127.0.0.1 (the played pods' IP); `seen` gets every path it is asked."""
-    from aiohttp import web
-
-    async def recorded(request: web.Request) -> web.StreamResponse:
-        seen.append(request.path)
-        return await handler(request)  # type: ignore[no-any-return]
-
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", recorded)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield port
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

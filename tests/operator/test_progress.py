@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -27,7 +27,7 @@ from kubetrain_operator.progress import (
     readable,
     report_to_keep,
 )
-from support import free_port
+from support import http_server
 
 
 def test_progress_patch_moves_step_time_only_when_the_step_changes() -> None:
@@ -109,23 +109,11 @@ def test_the_report_of_an_ended_worker_0_is_kept_until_a_reconcile_that_no_longe
 
 
 @asynccontextmanager
-async def serving(handler: Callable[[web.Request], web.StreamResponse], seen: list[str]) -> AsyncIterator[str]:
-    """A real HTTP server on 127.0.0.1 answering every path with `handler`; `seen` gets each path it is asked."""
-
-    async def recorded(request: web.Request) -> web.StreamResponse:
-        seen.append(request.path)
-        return await handler(request)  # type: ignore[misc]
-
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", recorded)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                  seen: list[str]) -> AsyncIterator[str]:
+    """support.http_server.serving, as the URL to ask."""
+    async with http_server.serving(handler, seen) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def fetched(url: str) -> dict[str, object] | None:
