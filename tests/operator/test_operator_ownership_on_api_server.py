@@ -1,7 +1,7 @@
 """The real operator in-process against a real API server (as test_operator_on_api_server.py): whose objects
 are whose. A job applied again after `kubectl delete --cascade=orphan` trains as a new job; a foreign
 ConfigMap of the job's config name is never touched; a worker held by a finalizer does not block the restart;
-an exit 2 whose pod is gone before a reconcile still fails the job; a pod deleted while the watch did not see
+an exit 2 whose pod is gone before a reconcile (the pod event handler saw it) still fails the job; a pod deleted while the watch did not see
 it (a stale index) is noticed by the audit."""
 
 from __future__ import annotations
@@ -89,13 +89,27 @@ async def test_a_worker_held_by_a_finalizer_does_not_block_the_restart(
 
 async def test_an_exit_2_fails_the_job_even_when_its_pod_is_gone_before_a_reconcile(
         jobs: Jobs, kubelet: PlayedKubelet, launched: Launched, namespace: str) -> None:
+    """Worker 1's exit 2 reached the pod event handler, then its pod was removed (the operator's own delete of a
+    group being restarted: a pod that has ended goes at once) before any reconcile saw it in the index. The job
+    fails with that exit, and spends no restart."""
     async with running_operator(namespace):
         await launched(jobs.manifest())
-        kubelet.exit("job-worker-1", 2, message="model.config.vocab_size: too small")
-        jobs.kube.delete(ns_path(namespace, "pods", "job-worker-1"), {"gracePeriodSeconds": 0})
-        await wait_until(jobs.phase_is("Failed"), what="Failed")
-        assert jobs.status()["reason"] == "ConfigError" and jobs.status()["restarts"] == 0
-        assert "vocab_size: too small" in jobs.status()["message"]
+    kubelet.exit("job-worker-1", 2, message="model.config.vocab_size: too small")
+    ended = observe_pod(kubelet.pods()["job-worker-1"])
+    jobs.kube.delete(ns_path(namespace, "pods", "job-worker-1"), {"gracePeriodSeconds": 0})
+    await wait_until(lambda: "job-worker-1" not in kubelet.pods(), what="the pod gone")
+    indexed = [observe_pod(p) for p in kubelet.pods().values()]  # worker 0 only
+    rt = await Runtime.start(fast_config())
+    try:
+        key = (namespace, "job")
+        rt.wakeups[key] = asyncio.Event()  # (the job's reconcile loop is there)
+        rt.keep_report(namespace, "job", ended)  # what the pod event handler does with each pod event
+        await Reconciler(rt, jobs.get(), {key: indexed}, logging.getLogger("test")).once()
+        status = jobs.status()
+        assert (status["phase"], status["reason"], status["restarts"]) == ("Failed", "ConfigError", 0)
+        assert "vocab_size: too small" in status["message"]
+    finally:
+        await rt.close()
 
 
 async def test_a_pod_gone_without_the_index_seeing_it_is_noticed_by_the_audit(
