@@ -1,8 +1,8 @@
 """The real operator in-process against a real API server (as test_operator_on_api_server.py): whose objects
 are whose. A job applied again after `kubectl delete --cascade=orphan` trains as a new job; a foreign
 ConfigMap of the job's config name is never touched; a worker held by a finalizer does not block the restart;
-an exit 2 whose pod is gone before a reconcile (the pod event handler saw it) still fails the job; a pod deleted while the watch did not see
-it (a stale index) is noticed by the audit."""
+an exit 2 whose pod is gone before a reconcile (the pod event handler saw it) still fails the job; a pod
+deleted while the watch did not see it (a stale index) is noticed by the audit."""
 
 from __future__ import annotations
 
