@@ -289,13 +289,14 @@ class Report:
     def targets(self) -> None:
         t, scale, big_tps = self.tps("prepare"), self.scale, self.big_tps
         base_raw, base_ds = self.tps("encode_batch_fast"), self.tps("datasets-2")
-        say("targets (issue): kubetrain prepare >= 2x datasets.map(num_proc=2) and >= 0.85x raw encode_batch")
-        say(f"  vs datasets.map num_proc=2: {t / base_ds:.3f}x {'MET' if t / base_ds >= 2 else 'MISSED'} "
-            f"(x{scale}: {big_tps['prepare'] / big_tps['datasets-2']:.2f}x)")
-        say(f"  vs raw encode_batch_fast:   {t / base_raw:.3f}x {'MET' if t / base_raw >= 0.85 else 'MISSED'} "
-            f"(x{scale}: {big_tps['prepare'] / big_tps['encode_batch_fast']:.2f}x)")
-        say(f"  vs raw encode_batch:        {t / self.tps('encode_batch'):.2f}x "
-            f"{'MET' if t / self.tps('encode_batch') >= 0.85 else 'MISSED'}")
+        say("aims (performance issue): kubetrain prepare >= 2.2x datasets.map(num_proc=2) and >= 0.90x raw "
+            "encode_batch_fast, on 1x and the bigger corpus; peak RSS <= 1.1x from 1x to it")
+        big_ds, big_raw = big_tps["prepare"] / big_tps["datasets-2"], big_tps["prepare"] / big_tps["encode_batch_fast"]
+        for what, small, big, aim in (("datasets.map num_proc=2", t / base_ds, big_ds, 2.2),
+                                      ("raw encode_batch_fast", t / base_raw, big_raw, 0.90)):
+            say(f"  vs {what:<24} {small:.3f}x {'MET' if small >= aim else 'MISSED'}, x{scale}: {big:.2f}x "
+                f"{'MET' if big >= aim else 'MISSED'}")
+        say(f"  vs raw encode_batch:        {t / self.tps('encode_batch'):.2f}x (for reference)")
         contended = sorted({k for k, v in self.used.items() for x in v if x["contention"] > CONTENDED}
                            | {f"{k} x{scale}" for k, x in self.scaled.items() if x["contention"] > CONTENDED})
         if contended:
