@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc)) from exc
         train(cfg, output)
+        # Torn down here, not at interpreter exit: a gloo process group left to the exit's destructors sometimes
+        # aborts the process after a finished run ("terminate called without an active exception", SIGABRT).
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 0
     except TrainerError as exc:
         # Every pod's entrypoint reports its own exit code from its own node's events.jsonl, so the first process
