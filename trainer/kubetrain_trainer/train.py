@@ -9,11 +9,15 @@ The loop itself is trainer.py's Trainer; this module is its command line and its
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kubetrain_api.config import TrainerConfig
 from kubetrain_api.contract import CONFIG_FLAG, EVENTS_FILE, OUTPUT_FLAG, TRAINER_MODULE
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(OUTPUT_FLAG, dest="output", required=True,
                         help="directory for events, results and the exported model")
     args = parser.parse_args(argv)
+    # A native crash or abort (gloo, a C++ terminate) prints every thread's Python stack to the log, which
+    # is all torchrun's error summary ("Signal 6 received") otherwise leaves to go on.
+    faulthandler.enable()
     # torchrun killed (SIGKILL, OOM) leaves its workers leaderless: end with it rather than train on and commit.
     die_with_parent(signal.SIGKILL)()
     output = Path(args.output)
@@ -50,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc)) from exc
         train(cfg, output)
-        # Torn down here, not at interpreter exit: a gloo process group left to the exit's destructors sometimes
-        # aborts the process after a finished run ("terminate called without an active exception", SIGABRT).
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
         return 0
     except TrainerError as exc:
         # Every pod's entrypoint reports its own exit code from its own node's events.jsonl, so the first process
@@ -67,5 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
+def exit_without_finalizing(code: int) -> NoReturn:
+    """Leave the process with `code` once its output is flushed, skipping the interpreter's finalization.
+
+    Why: the C++ process groups (gloo's worker threads and the work they hold) outlive
+    destroy_process_group while DDP, FSDP's device mesh or DCP still reference them, and are then torn
+    down during finalization, which sometimes aborts the process ("terminate called without an active
+    exception", SIGABRT, no Python frame) after a run that finished and committed everything; torchrun then
+    reports the run failed. Everything this process owes is on disk by now: events and logs are
+    line-buffered, checkpoints committed, results written."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            stream.flush()
+    os._exit(code)
+
+
+def run_as_script() -> NoReturn:
+    try:
+        code = main()
+    except SystemExit as exc:  # the SIGTERM checkpoint's exit (Trainer.preempt), argparse's (both ints)
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # a bug: its traceback, and torchrun's exit code for a failed worker
+        traceback.print_exc()
+        code = 1
+    exit_without_finalizing(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script()
