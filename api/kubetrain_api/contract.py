@@ -49,12 +49,14 @@ TERMINATION_LOG = "/dev/termination-log"  # the pod's terminationMessagePath (Ku
 TERMINATION_MESSAGE_CHARS = 3500  # the kubelet keeps 4096 bytes; leave room for multi-byte characters
 
 # --- events.jsonl: {"type": <kind>, "time": <unix seconds>, ...fields} ------------------------------------
-EventKind = Literal["start", "step", "eval", "checkpoint", "checkpoint_failed", "preempted", "error", "done"]
+EventKind = Literal["start", "step", "compile", "eval", "checkpoint", "checkpoint_failed", "preempted", "error", "done"]
 EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
 # Fields: step {step, loss, lr, gradNorm, tokensPerSecond, mfu, seconds, dataWait, eta}; eval {step, loss,
-# perplexity}; checkpoint {step, seconds, blockedSeconds, bytes, path, committedAt (unix seconds, the time the
-# catalogue and /progress give it), checkpoints (the catalogue after it)}; checkpoint_failed {step, error};
-# preempted {step (the committed one), uncommittedStep?}; error {message, exitCode}; done (results.json).
+# perplexity}; compile {firstStepSeconds, cacheRestored, cacheHits, cacheMisses, storedBytes, cacheUri} (after
+# a compiled run's first step); checkpoint {step, seconds, blockedSeconds, bytes, path, committedAt (unix
+# seconds, the time the catalogue and /progress give it), checkpoints (the catalogue after it)};
+# checkpoint_failed {step, error}; preempted {step (the committed one), uncommittedStep?}; error {message,
+# exitCode}; done (results.json).
 
 
 # --- GET /progress on rank 0's metrics port ---------------------------------------------------------------

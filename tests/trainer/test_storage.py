@@ -26,6 +26,9 @@ def test_store_exclusive_put_refuses_a_second_writer(s3: MotoServer, bucket: str
             store.put("a/COMMITTED", b"second", exclusive=True)
         assert store.get("a/COMMITTED") == b"first"
         assert store.list("a/") == {"a/COMMITTED": 5}
+        # Listing an object's own key finds it on both (how "is it there?" is asked), a missing key nothing.
+        assert store.list("a/COMMITTED") == {"a/COMMITTED": 5}
+        assert store.list("a/MISSING") == {}
 
 
 class _Unavailable(BaseHTTPRequestHandler):

@@ -55,7 +55,7 @@ def parallelize(model: LlamaForCausalLM, spec: TrainingSpec, parallelism: str, d
     model.config.use_cache = False  # a KV cache only serves generation
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.compile:
+    if spec.compiles:
         for block in model.model.layers:
             block.compile()
     no_autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext

@@ -149,6 +149,8 @@ class LocalStore(Store):
 
     def list(self, prefix: str = "") -> dict[str, int]:
         base = self.root / prefix if prefix else self.root
+        if base.is_file():  # an object's own key, as an S3 prefix listing finds it
+            return {prefix: base.stat().st_size}
         if not base.exists():
             return {}
         return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()}

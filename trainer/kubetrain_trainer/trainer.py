@@ -28,6 +28,7 @@ from kubetrain_api.config import TrainerConfig
 from kubetrain_api.contract import EVENTS_FILE, MODEL_DIR, RESULTS_FILE
 from kubetrain_api.exit_codes import EXIT_PREEMPTED
 
+from . import compile_cache
 from .checkpoint import CheckpointManager, SaveResult, checkpoint_uri, step_dir_name
 from .distributed import all_sum, init_distributed
 from .errors import CheckpointFailedError, ConcurrentWriterError, NonFiniteError, TrainerError
@@ -90,6 +91,7 @@ class Trainer:
             process_group=dist.new_group(backend="gloo"), on_result=self._on_save_result)
         self._resume()
         self.start_step = self.step
+        self.compile_cache = self._restore_compile_cache() if ts.compiles else None
 
         self.tokens_per_step = ts.global_batch_size * cfg.data.seq_length
         self.n_eval = min(len(self.inputs.validation), ts.eval_batches * ts.global_batch_size)
@@ -97,6 +99,7 @@ class Trainer:
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.info = {"rank": self.rank, "worldSize": self.world, "parallelism": self.layout.parallelism,
                      "dtype": str(self.layout.dtype), "device": self.device.type, "threads": torch.get_num_threads(),
+                     "compiled": ts.compiles,
                      "peakFlops": self.peak_flops, "trainSequences": len(self.inputs.train),
                      "validationSequences": len(self.inputs.validation), "evalSequences": self.n_eval,
                      "gradientAccumulation": self.accum, "startStep": self.start_step,
@@ -114,6 +117,31 @@ class Trainer:
         peak = self.cfg.metrics.peak_flops or device_peak_flops(self.device, self.layout.dtype)
         # Every rank measured its own peak on CPU; use the mean so MFU is the same number everywhere.
         return all_sum([peak], self.device)[0] / self.world
+
+    def _restore_compile_cache(self) -> compile_cache.CacheState:
+        """Collective: the first process of each node unpacks the stored compile cache (compile_cache) into
+        the local one; the others wait for it, so that none starts compiling into a half-written cache."""
+        directory = compile_cache.cache_directory(self.output)
+        key = compile_cache.archive_key(self.device)
+        state = compile_cache.restore(self.store, directory, key) if self.local_rank == 0 else \
+            compile_cache.CacheState(directory, key)  # only rank 0 (a first process) stores it
+        if self.world > 1:
+            dist.barrier()
+        return state
+
+    def _report_compile(self, first_step_seconds: float) -> None:
+        """After this run's first step, which compiled the blocks (and, at step 0, the evaluation): how long it
+        took and how warm the cache was, and rank 0 stores the cache if it learned anything."""
+        assert self.compile_cache is not None
+        from torch._dynamo.utils import counters
+
+        stored = compile_cache.publish(self.store, self.compile_cache) if self.rank == 0 else 0
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        self.events.emit("compile", firstStepSeconds=first_step_seconds, cacheRestored=self.compile_cache.restored,
+                         cacheHits=hits, cacheMisses=misses, storedBytes=stored,
+                         cacheUri=self.store.child_uri(self.compile_cache.key))
+        log.info("compile: first step %.1fs, inductor cache %d hits / %d misses (archive %s)", first_step_seconds,
+                 hits, misses, "restored" if self.compile_cache.restored else "none stored yet")
 
     def _resume(self) -> None:
         """Collective: rank 0 cleans up after a crash and picks the newest intact checkpoint; every rank
@@ -166,7 +194,10 @@ class Trainer:
             self.progress.update(phase="training", step=self.start_step)
         self.fwd.train()
         while self.step < ts.max_steps:
+            t0 = time.perf_counter()
             stop = self.train_step()
+            if self.compile_cache and self.step == self.start_step + 1:
+                self._report_compile(time.perf_counter() - t0)
             if ts.eval_every and self.step % ts.eval_every == 0 and self.step < ts.max_steps:
                 self.evaluate()
             if stop:
