@@ -19,6 +19,7 @@ LR_WARMUP = 30
 MIN_LR_RATIO = 0.1
 CLIP = 1.0
 SEED = 1234
+EVAL_SEQUENCES = 64  # quality parity: every contender's validation loss over the first 64 validation sequences
 THREADS = 2
 CONTENDED = 0.05  # other processes used more than this share of the machine during a measurement
 

@@ -28,7 +28,7 @@ class Setup:
 
     workdir: Path
     data_dir: Path
-    manifest: Path
+    manifests: dict[bool, Path]  # by training.compile
     total: int  # steps per run: warmup + measured
     warmup: int
     flops_per_token: float
@@ -42,7 +42,9 @@ def plan(compile_model: bool) -> list[tuple[str, str]]:
                   ("kt2", "kubetrain run --nproc 2 (DDP, 2 x 1 thread)"),
                   ("kt1", "kubetrain run --nproc 1 (1 proc x 2 threads)")]
     if compile_model:
-        contenders.append(("bare-compile", "bare loop + torch.compile (1 proc x 2 threads)"))
+        contenders += [("bare-compile", "bare loop + torch.compile (1 proc x 2 threads)"),
+                       ("kt2c", "kubetrain run --nproc 2, compile (DDP, 2 x 1 thread)"),
+                       ("kt1c", "kubetrain run --nproc 1, compile (1 proc x 2 threads)")]
     return contenders
 
 
@@ -72,9 +74,10 @@ def set_up(args: argparse.Namespace) -> Setup:
     print(f"peak: measured fp32 matmul with {THREADS} threads = {peak / 1e9:.1f} GFLOP/s")
     print(f"steps: {args.warmup} warmup + {args.steps} measured per contender\n", flush=True)
 
-    manifest = workdir / "bench-tiny.yaml"
-    write_manifest(manifest, data_dir, total)
-    return Setup(workdir, data_dir, manifest, total, args.warmup, cost.flops_per_token, peak)
+    manifests = {compiled: workdir / f"bench-tiny{'-compile' if compiled else ''}.yaml" for compiled in (False, True)}
+    for compiled, path in manifests.items():
+        write_manifest(path, data_dir, total, compiled)
+    return Setup(workdir, data_dir, manifests, total, args.warmup, cost.flops_per_token, peak)
 
 
 def prepare_data(workdir: Path) -> Path:
@@ -135,7 +138,7 @@ def measure(setup: Setup, key: str) -> dict:
         out = setup.workdir / f"run-{key}"
         shutil.rmtree(out, ignore_errors=True)  # a fresh output: an old checkpoint would be resumed
         try:
-            res = run_kubetrain(setup.manifest, out, int(key[2:]), setup.total)
+            res = run_kubetrain(setup.manifests[key.endswith("c")], out, int(key[2]), setup.total)
         except RuntimeError as exc:
             res = {"error": str(exc)}
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -9,11 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import BETAS, BIN, CLIP, GLOBAL, LR, MICRO, MIN_LR_RATIO, REPO, SEED, SEQ, WEIGHT_DECAY
+from . import BETAS, BIN, CLIP, EVAL_SEQUENCES, GLOBAL, LR, MICRO, MIN_LR_RATIO, REPO, SEED, SEQ, WEIGHT_DECAY
 from .workers import lr_warmup
 
 
-def write_manifest(path: Path, data_dir: Path, total: int) -> None:
+def write_manifest(path: Path, data_dir: Path, total: int, compile_blocks: bool) -> None:
     import yaml
 
     manifest = {
@@ -30,7 +30,9 @@ def write_manifest(path: Path, data_dir: Path, total: int) -> None:
                 "optimizer": {"lr": LR, "betas": list(BETAS), "weightDecay": WEIGHT_DECAY},
                 "schedule": {"warmupSteps": lr_warmup(total), "decay": "cosine", "minLrRatio": MIN_LR_RATIO},
                 "gradClip": CLIP, "precision": "fp32", "parallelism": "auto",
-                "evalEvery": 0, "evalBatches": 1, "seed": SEED,
+                "evalEvery": 0, "evalBatches": EVAL_SEQUENCES // GLOBAL, "seed": SEED,
+                # Set: at 45 steps `compile` unset would not compile (it does from 1000 steps on).
+                "compile": compile_blocks,
             },
             "checkpoint": {"everySteps": 0, "keep": 1, "exportHF": False},
             "workers": {"procPerNode": 2},
@@ -60,10 +62,14 @@ def run_kubetrain(manifest: Path, out: Path, nproc: int, total: int) -> dict:
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["type"] == "start")
     steps = [e for e in events if e["type"] == "step"]
+    compiled = next((e for e in events if e["type"] == "compile"), None)
+    final_eval = [e for e in events if e["type"] == "eval"][-1]
     # Wall time between consecutive step events: also counts what happens outside the trainer's own
     # step timer (event/metrics bookkeeping); the first step has no predecessor and is skipped.
     gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(steps)]
     return {"stepSeconds": [e["seconds"] for e in steps], "tokensPerSecond": [e["tokensPerSecond"] for e in steps],
             "mfu": [e["mfu"] for e in steps], "losses": [e["loss"] for e in steps], "eventGaps": gaps,
             "parallelism": start["parallelism"], "worldSize": start["worldSize"], "threads": start["threads"],
-            "peakFlops": start["peakFlops"], "commandSeconds": wall, "command": " ".join(cmd), "failure": failure}
+            "peakFlops": start["peakFlops"], "commandSeconds": wall, "command": " ".join(cmd), "failure": failure,
+            "validationLoss": final_eval["loss"], "validationStep": final_eval["step"],
+            "compileSeconds": compiled["firstStepSeconds"] if compiled else None}

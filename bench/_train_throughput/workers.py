@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import BETAS, CLIP, GLOBAL, LR, LR_WARMUP, MICRO, MIN_LR_RATIO, SEED, SEQ, THREADS, WEIGHT_DECAY
+from . import BETAS, CLIP, EVAL_SEQUENCES, GLOBAL, LR, LR_WARMUP, MICRO, MIN_LR_RATIO, SEED, SEQ, THREADS, WEIGHT_DECAY
 
 
 def lr_warmup(total: int) -> int:
@@ -38,6 +38,26 @@ def load_model_and_data(data_dir: Path):
     cfg = llama_config(ModelSpec(preset="tiny"), len(tok), SEQ)
     model = build_model(cfg, "cpu", seed=SEED)  # the same initial weights kubetrain builds
     return cfg, model, shards
+
+
+def validation_loss(model, data_dir: Path) -> float:
+    """Mean token cross-entropy over the first EVAL_SEQUENCES validation sequences, each predicting all SEQ
+    positions: kubetrain's own evaluation (Trainer._validation_loss), so the numbers compare."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from kubetrain_trainer.shards import TokenShards
+
+    data = TokenShards(data_dir / "validation", SEQ)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, min(EVAL_SEQUENCES, len(data)), MICRO):
+            batch = data.batch(np.arange(start, min(start + MICRO, EVAL_SEQUENCES, len(data))))
+            logits = model(input_ids=batch[:, :-1]).logits
+            total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    return total / count
 
 
 def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
@@ -73,7 +93,7 @@ def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
         times.append(dt)
         losses.append(loss_sum)
     return {"stepSeconds": times, "losses": losses, "threads": torch.get_num_threads(),
-            "compileSeconds": compile_seconds}
+            "compileSeconds": compile_seconds, "validationLoss": validation_loss(model, data_dir)}
 
 
 def worker_hf(data_dir: Path, total: int) -> dict:
@@ -98,8 +118,10 @@ def worker_hf(data_dir: Path, total: int) -> dict:
             return len(self.order)
 
         def __getitem__(self, k: int) -> dict:
-            seq = shards.batch(self.order[k : k + 1])[0, :-1]  # 256 tokens; the model shifts labels itself
-            return {"input_ids": seq, "labels": seq}
+            seq = shards.batch(self.order[k : k + 1])[0]  # SEQ + 1 tokens
+            # The loss kubetrain and the bare loop train on: all SEQ positions predict their next token. With
+            # only `labels` the model shifts them itself and the last position predicts nothing (SEQ - 1).
+            return {"input_ids": seq[:-1], "labels": seq[:-1], "shift_labels": seq[1:]}
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -123,8 +145,19 @@ def worker_hf(data_dir: Path, total: int) -> dict:
         use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=SEED, disable_tqdm=True,
         train_sampling_strategy="sequential",
     )
+    class SameSchedule(Trainer):
+        """The Trainer with kubetrain's learning rate at every step (its own warmup starts at lr 0, and
+        kubetrain's at lr/warmup): the same optimizer steps, so that the validation losses compare."""
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda step: lr_at(step, total) / LR)
+            return self.lr_scheduler
+
     timer = StepTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=[timer])
+    trainer = SameSchedule(model=model, args=args, train_dataset=Sequences(), callbacks=[timer])
     result = trainer.train()
     shutil.rmtree(out, ignore_errors=True)
-    return {"stepSeconds": timer.times, "meanLoss": result.training_loss, "threads": torch.get_num_threads()}
+    return {"stepSeconds": timer.times, "meanLoss": result.training_loss, "threads": torch.get_num_threads(),
+            "validationLoss": validation_loss(model, data_dir)}
