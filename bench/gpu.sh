@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# MFU of kubetrain on one GPU: llama-1b and the llama-7b width at 8 layers, bf16, torch.compile off and on.
+# MFU of kubetrain on one GPU: llama-1b and the llama-7b width at 8 layers, bf16, torch.compile off and on,
+# with tokens/s, peak device memory and the async checkpoint's stall (device -> pinned host copy, per GB).
 #
 #   bench/gpu.sh [WORKDIR]
 #
 # For every (model, compile) pair it writes an LLMTrainingJob manifest, runs it exactly as a user would
 # (`kubetrain run job.yaml --nproc $NPROC`), and prints the median "mfu" and "tokensPerSecond" of the
 # step events in <output>/events.jsonl after $WARMUP steps. MFU is kubetrain's own: tokens/s x
-# model_cost().flops_per_token / (datasheet dense bf16 peak of the GPU x processes).
+# model_cost().flops_per_token / (datasheet dense bf16 peak of the GPU x processes). The FLOP count is
+# 6N (N: the matmul parameters, the output layer included, the embedding lookup not) + 12·L·d·S for
+# attention (PaLM's appendix B); 989 TFLOP/s for an H100/H200 (dense bf16).
+#
+# Peak memory: torch.cuda.max_memory_allocated of the process (results.json "peakDeviceMemoryBytes").
+# Checkpoint stall: asynchronous saves every $CKPT_EVERY steps inside the measured window; the "checkpoint"
+# events' blockedSeconds (what the training loop waited: staging the state into pinned host buffers, which
+# are allocated in the background after the first step) per GB of this process's state ("bytes"). The final
+# save is synchronous and is left out. Those steps are slower by the stall; the median step is not.
 #
 # Parallelism: the manifests ask for `parallelism: fsdp` (FSDP2), but kubetrain only shards when there
 # is more than one process: choose_parallelism() returns "single" for a world of 1, so with the default
@@ -23,8 +32,8 @@
 # deleted once its events are read. Startup, the step-0 evaluation, compilation and the final save are
 # outside the measured steps.
 #
-# Knobs (environment): MODELS="llama-1b llama-7b-8l" COMPILE="false true" SEQ=2048 MICRO=4 GLOBAL=8
-#   STEPS=30 WARMUP=10 NPROC=1 DATA=synthetic KUBETRAIN="<python> -m kubetrain_cli" PYTHON=<python>
+# Knobs (environment): MODELS="llama-1b llama-7b-8l" COMPILE="false true" SEQ=4096 MICRO=2 GLOBAL=4
+#   STEPS=30 WARMUP=10 CKPT_EVERY=15 NPROC=1 DATA=synthetic KUBETRAIN="<python> -m kubetrain_cli" PYTHON=<python>
 #   ALLOW_CPU=1 (smoke-test the script without a GPU, e.g. MODELS=tiny SEQ=64 STEPS=3 WARMUP=1)
 set -euo pipefail
 
@@ -35,9 +44,10 @@ fi
 KUBETRAIN=${KUBETRAIN:-"$PYTHON -m kubetrain_cli"}
 MODELS=${MODELS:-"llama-1b llama-7b-8l"}
 COMPILE=${COMPILE:-"false true"}
-SEQ=${SEQ:-2048}
-MICRO=${MICRO:-4}
-GLOBAL=${GLOBAL:-8}
+SEQ=${SEQ:-4096}
+MICRO=${MICRO:-2}
+GLOBAL=${GLOBAL:-4}
+CKPT_EVERY=${CKPT_EVERY:-15}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-10}
 NPROC=${NPROC:-1}
@@ -146,7 +156,7 @@ $(model_block "$model")
     evalBatches: 1
     seed: 1234
   checkpoint:
-    everySteps: 0
+    everySteps: $CKPT_EVERY
     keep: 1
     exportHF: false
   metrics:
@@ -171,10 +181,16 @@ path, warmup, model, compile_, status, secs = sys.argv[1], int(sys.argv[2]), *sy
 events = [json.loads(l) for l in Path(path).read_text().splitlines()] if Path(path).exists() else []
 start = next((e for e in events if e["type"] == "start"), {})
 steps = [e for e in events if e["type"] == "step"][warmup:]
+done = next((e for e in events if e["type"] == "done"), {})
 mfu = statistics.median(e["mfu"] for e in steps) if steps else float("nan")
 tps = statistics.median(e["tokensPerSecond"] for e in steps) if steps else float("nan")
+peak = done.get("peakDeviceMemoryBytes")
+saves = [e for e in events if e["type"] == "checkpoint" and e["step"] != done.get("steps")]  # async ones
+stall = statistics.median(e["blockedSeconds"] / (e["bytes"] / 1e9) for e in saves) if saves else float("nan")
 print("\t".join([model, compile_, str(start.get("parallelism", "-")), str(start.get("dtype", "-")),
-                 str(start.get("parameters", "-")), f"{tps:.0f}", f"{mfu:.4f}", str(len(steps)), status, secs]))
+                 str(start.get("parameters", "-")), f"{tps:.0f}", f"{mfu:.4f}",
+                 f"{peak / 2**30:.1f}" if peak else "-", f"{stall:.3f}", str(len(saves)), str(len(steps)), status,
+                 secs]))
 EOF
     tail -n 1 "$RESULTS"
   done
@@ -185,12 +201,12 @@ echo
 import sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
 print(f"| {'model':<12} | {'compile':<7} | {'layout':<6} | {'dtype':<14} | {'params':>7} | {'tokens/s':>9} | "
-      f"{'MFU':>6} | {'steps':>5} | {'status':<10} | {'run s':>5} |")
-print("|" + "|".join("-" * w for w in (14, 9, 8, 16, 9, 11, 8, 7, 12, 7)) + "|")
-for model, comp, layout, dtype, params, tps, mfu, n, status, secs in rows:
+      f"{'MFU':>6} | {'peak GiB':>8} | {'stall s/GB':>10} | {'saves':>5} | {'steps':>5} | {'status':<10} | {'run s':>5} |")
+print("|" + "|".join("-" * w for w in (14, 9, 8, 16, 9, 11, 8, 10, 12, 7, 7, 12, 7)) + "|")
+for model, comp, layout, dtype, params, tps, mfu, peak, stall, saves, n, status, secs in rows:
     p = f"{int(params) / 1e9:.2f}B" if params.isdigit() else params
     m = f"{float(mfu):.1%}" if mfu != "nan" else "-"
-    print(f"| {model:<12} | {comp:<7} | {layout:<6} | {dtype:<14} | {p:>7} | {tps:>9} | {m:>6} | {n:>5} | "
-          f"{status:<10} | {secs:>5} |")
+    print(f"| {model:<12} | {comp:<7} | {layout:<6} | {dtype:<14} | {p:>7} | {tps:>9} | {m:>6} | {peak:>8} | "
+          f"{stall:>10} | {saves:>5} | {n:>5} | {status:<10} | {secs:>5} |")
 EOF
 echo "raw rows: $RESULTS"

@@ -91,5 +91,7 @@ def test_trainer_image_installs_without_kopf(tmp_path: Path) -> None:
         assert result.returncode == 0
         text = (ROOT / "trainer" / "Dockerfile").read_text()
         assert 'ENTRYPOINT ["torchrun"]' in text and "USER 10001" in text
+        # torch.compile (training.compile, on by default for long runs) compiles with g++/gcc at run time.
+        assert re.search(r"^RUN apt-get .*install .*\bg\+\+", text, re.MULTILINE), "the image needs g++"
     finally:
         shutil.rmtree(tmp_path / "venv", ignore_errors=True)

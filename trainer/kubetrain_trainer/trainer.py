@@ -415,6 +415,8 @@ class Trainer:
         if self.progress:
             self.progress.update(phase="exporting")
         results = summarize(self.state_dict(), self.cost.to_dict(), self.info)
+        if self.device.type == "cuda":  # this process's high-water mark of tensor memory (the allocator's)
+            results["peakDeviceMemoryBytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.cfg.checkpoint.export_hf:
             model_dir = self.output / MODEL_DIR
             export_hf(self.model, self.mcfg, self.inputs.tokenizer, model_dir, self.layout.dtype, self.rank)
