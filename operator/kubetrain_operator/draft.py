@@ -105,8 +105,8 @@ class Draft:
         self.stale: list[ObservedPod] = []
         self.owned: list[ObservedPod] = []  # all the job's pods (an index may have two: one held, its replacement)
         self.taken: dict[int, set[str]] = {}
-        self.held_uids = {p.uid for p in pods if p.ended_while_terminating and now >= cfg.held_pod_seconds + (
-            p.finished_at if p.finished_at is not None else p.deletion_time if p.deletion_time is not None else now)}
+        self.held_uids = {p.uid for p in pods
+                          if (since := p.expected_gone_at) is not None and now >= since + cfg.held_pod_seconds}
         for p in sorted(pods, key=lambda p: (p.index, not self.held(p))):
             if not is_worker_name(p.name, job.ref, p.index):
                 continue
@@ -136,8 +136,9 @@ class Draft:
         self.plan.delete.append(Deletion(pod.name, pod.uid, force, None if force else grace_seconds))
 
     def held(self, pod: ObservedPod) -> bool:
-        """Deleted, its containers ended long ago (PlannerConfig.held_pod_seconds), and still there: a finalizer
-        holds it. Nothing runs in it, but its name is taken."""
+        """Deleted, its containers ended (or, on a lost node, its grace period) long ago
+        (PlannerConfig.held_pod_seconds), and still there: a finalizer holds it. Nothing runs in it (or
+        nothing that can reach the group), but its name is taken."""
         return pod.uid in self.held_uids
 
     def name_for(self, index: int) -> str:

@@ -52,6 +52,20 @@ class ObservedPod:
         return self.terminating and self.phase in ("Failed", "Succeeded")
 
     @property
+    def expected_gone_at(self) -> float | None:
+        """Since when its kubelet should have removed this deleted pod: its containers' end (or its deletion,
+        if that is not known), or — not ready, and its grace period over without an end — its deadline: a
+        lost node's pod, whose phase nobody changes any more. Still there some time after that, a finalizer
+        holds it (draft.Draft.held). None: not deleted, or its kubelet may still be at work."""
+        if not self.terminating:
+            return None
+        if self.ended_while_terminating:
+            return self.finished_at if self.finished_at is not None else self.deletion_time
+        if not self.ready:
+            return self.deletion_deadline
+        return None
+
+    @property
     def ended_badly(self) -> bool:
         return self.phase == "Failed" or (self.terminating and self.phase != "Succeeded")
 

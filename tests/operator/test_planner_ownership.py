@@ -63,6 +63,23 @@ def test_a_worker_held_by_a_finalizer_counts_as_gone_and_its_replacement_gets_an
     assert p.phase == "Running" and not p.create and not p.delete and p.restarts == []
 
 
+def test_a_lost_nodes_worker_held_by_a_finalizer_counts_as_gone_once_its_grace_period_is_long_over() -> None:
+    """Worker 0's node is gone: nobody ends its containers, so its phase stays Running (not ready), and a
+    finalizer keeps the deleted pod. 30 s past its deadline (the force delete's, grace 0) it counts as gone."""
+    status = {**LAUNCHED, "restarts": 1, "tracking": {"launched": 2, "fullRestart": True,
+                                                      "replacing": {"0": "u0", "1": "u1"},
+                                                      "restartTime": "1970-01-12T13:46:40Z"}}
+    lost = pod(0, "Running", uid="u0", terminating=True, ready=False, deletion_time=NOW - 200,
+               deletion_deadline=NOW - 5)
+    view = job_view(spec_dict(workers={"nodes": 2}, runPolicy={"restartBackoffSeconds": 0}))
+    assert plan(view, status, [lost], NOW, CFG).create == []
+    p = plan(view, status, [lost], NOW + 30, CFG)
+    assert p.create == [0, 1] and p.names == {0: "job-worker-0-1"}
+    # A deleted worker still reported ready is its kubelet at work (a long grace period): never taken as held
+    draining = dataclasses.replace(lost, ready=True)
+    assert plan(view, status, [draining], NOW + 30, CFG).create == []
+
+
 def test_a_conflict_holds_the_job_pending_with_one_event() -> None:
     view = dataclasses.replace(job_view(spec_dict()), conflict="ConfigMap default/job-config exists and is not "
                                                                "this job's")

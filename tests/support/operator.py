@@ -94,8 +94,12 @@ class Sim:
                 del self.pods[victim.index]
         for i in p.create:
             # (over a deleted pod that has ended, held too long: the planner names the new one apart; the Sim keeps
-            # one pod per index, so the held one is dropped)
-            assert i not in self.pods or self.pods[i].ended_while_terminating, f"created worker {i} over a pod"
+            # one pod per index, so the held one is dropped. The Sim's kubelet never ends a deleted pod at its
+            # deadline, so one that is not ready and long past it is what a lost node leaves: gone too.)
+            old = self.pods.get(i)
+            assert old is None or old.ended_while_terminating or (
+                old.terminating and not old.ready and old.deletion_deadline is not None
+                and self.now >= old.deletion_deadline + self.cfg.held_pod_seconds), f"created worker {i} over a pod"
             self.pods[i] = pod(i, "Pending", uid=f"uid-{i}-{next(self._uids)}")
             self.created += 1
         for name in p.stop_stage:  # deleted (background propagation: it shows terminating a while)
