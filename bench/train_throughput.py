@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="measure every contender this often, interleaved; "
                    "report the median")
     p.add_argument("--compile", action="store_true", help="also time the bare loop under torch.compile")
+    p.add_argument("--only", help="run only these contenders (comma-separated keys: bare, hf, kt2, kt1, "
+                   "bare-compile, bare-blocks, kt2c, kt1c)")
     p.add_argument("--retries", type=int, default=2, help="re-measure a contender this often if other load "
                    "took more than 5%% of the machine during its run")
     p.add_argument("--json", type=Path, help="write all raw measurements here")
@@ -59,9 +61,11 @@ def worker(args: argparse.Namespace) -> int:
     from _train_throughput.workers import worker_bare, worker_hf
 
     if args.worker == "bare":
-        res = worker_bare(args.data, args.total, compile_model=False)
+        res = worker_bare(args.data, args.total, compile_model=None)
     elif args.worker == "bare-compile":
-        res = worker_bare(args.data, args.total, compile_model=True)
+        res = worker_bare(args.data, args.total, compile_model="model")
+    elif args.worker == "bare-blocks":
+        res = worker_bare(args.data, args.total, compile_model="blocks")
     elif args.worker == "hf":
         res = worker_hf(args.data, args.total)
     else:
@@ -77,6 +81,8 @@ def main() -> int:
 
     setup = driver.set_up(args)
     contenders = driver.plan(args.compile)
+    if args.only:
+        contenders = [c for c in contenders if c[0] in args.only.split(",")]
     raw = driver.rounds(setup, contenders, args.rounds, args.retries)
     ok = driver.usable(raw)
     tps = {key: statistics.median(driver.run_tps(x, args.warmup) for x in runs) if runs else None

@@ -43,6 +43,7 @@ def plan(compile_model: bool) -> list[tuple[str, str]]:
                   ("kt1", "kubetrain run --nproc 1 (1 proc x 2 threads)")]
     if compile_model:
         contenders += [("bare-compile", "bare loop + torch.compile (1 proc x 2 threads)"),
+                       ("bare-blocks", "bare loop + compile per block (1 proc x 2 threads)"),
                        ("kt2c", "kubetrain run --nproc 2, compile (DDP, 2 x 1 thread)"),
                        ("kt1c", "kubetrain run --nproc 1, compile (1 proc x 2 threads)")]
     return contenders
@@ -143,7 +144,7 @@ def measure(setup: Setup, key: str) -> dict:
             res = {"error": str(exc)}
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return res
-    return run_worker(key, setup.data_dir, setup.total, timeout=900 if key == "bare-compile" else 600)
+    return run_worker(key, setup.data_dir, setup.total, timeout=900 if key.startswith("bare-") else 600)
 
 
 def run_worker(kind: str, data_dir: Path, total: int, timeout: float) -> dict[str, Any]:

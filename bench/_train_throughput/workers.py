@@ -60,7 +60,9 @@ def validation_loss(model, data_dir: Path) -> float:
     return total / count
 
 
-def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
+def worker_bare(data_dir: Path, total: int, compile_model: str | None) -> dict:
+    """compile_model: None (eager), "model" (torch.compile of the whole model) or "blocks" (each decoder block,
+    as kubetrain's training.compile does)."""
     import torch
     import torch.nn.functional as F
     from kubetrain_trainer.sampler import rank_micro_batches
@@ -68,7 +70,10 @@ def worker_bare(data_dir: Path, total: int, compile_model: bool) -> dict:
     torch.set_num_threads(THREADS)
     _, model, shards = load_model_and_data(data_dir)
     model.train()
-    fwd = torch.compile(model) if compile_model else model
+    fwd = torch.compile(model) if compile_model == "model" else model
+    if compile_model == "blocks":
+        for block in model.model.layers:
+            block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
     accum = GLOBAL // MICRO
     times, losses = [], []
