@@ -138,7 +138,8 @@ async def query(base: str, expr: str) -> list[dict[str, Any]]:
 async def training_run(tmp_path: Path, prepared: Path, port: int) -> AsyncIterator[Path]:
     """`kubetrain run` of a small job that trains until stopped, checkpointing and evaluating often."""
     manifest = write_manifest(tmp_path / "job.yaml", job_manifest(
-        "scrape-demo", spec=training_spec(prepared), training={"maxSteps": 100000, "evalEvery": 40, "evalBatches": 1},
+        "scrape-demo", spec=training_spec(prepared),
+        training={"maxSteps": 100000, "evalEvery": 40, "evalBatches": 1, "compile": False},
         checkpoint={"everySteps": 40, "keep": 1}, metrics={"port": port}))
     out = tmp_path / "run"
     proc = await asyncio.create_subprocess_exec(

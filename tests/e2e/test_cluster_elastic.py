@@ -105,7 +105,7 @@ def test_scaling_2_1_2_reforms_from_the_step_it_stopped_at_without_a_restart(
         local_cluster: Any, kube: Kube, control_plane: Any, namespace: str, bed_s3: MotoServer, operator: Any,
         tmp_path: Path) -> None:
     ns, name = namespace, "scaled"
-    body = manifest(ns, name, bed_s3, secret(kube, ns), training={"maxSteps": 2000},
+    body = manifest(ns, name, bed_s3, secret(kube, ns), training={"maxSteps": 2000, "compile": False},
                     checkpoint={"everySteps": 100000, "exportHF": False},
                     workers={"nodes": 2, "minNodes": 1, "maxNodes": 2})
     apply(control_plane, body, tmp_path)

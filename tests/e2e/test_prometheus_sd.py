@@ -151,7 +151,7 @@ def test_prometheus_discovers_the_workers_through_the_api_server_and_every_panel
 
     decoy_pod = decoy(kube, ns)
     body = manifest(ns, JOB, bed_s3, secret(kube, ns), metrics={"port": PORT},
-                    training={"maxSteps": 2000, "evalEvery": 4, "evalBatches": 1},
+                    training={"maxSteps": 2000, "evalEvery": 4, "evalBatches": 1, "compile": False},
                     checkpoint={"everySteps": 4, "keep": 1, "exportHF": False})
     with PodDiscovery(account, podmonitor_namespaces(monitor) or []) as discovery:
         pod_monitor = podmonitor_scrape_configs(

@@ -108,7 +108,7 @@ def long_job_at_step(local_cluster: Any, kube: Kube, control_plane: Any, ns: str
                      tmp_path: Path, step: int, **overrides: Any) -> Any:
     """Apply a job far longer than the test (no periodic checkpoint, no export) and wait until it has
     trained `step` steps; returns the `why` for later waits."""
-    body = manifest(ns, name, s3, secret(kube, ns), training={"maxSteps": 2000},
+    body = manifest(ns, name, s3, secret(kube, ns), training={"maxSteps": 2000, "compile": False},
                     checkpoint={"everySteps": 100000, "exportHF": False}, **overrides)
     apply(control_plane, body, tmp_path)
     why = lambda: diagnose(local_cluster, kube, ns, name, tmp_path / "operator.log")  # noqa: E731

@@ -29,7 +29,7 @@ def _gone(procs: list[psutil.Process]) -> bool:
 
 
 def _long_job(prepared: Path, **checkpoint: object) -> dict:
-    return job_manifest(spec=training_spec(prepared), training={"maxSteps": 100000, "evalEvery": 0},
+    return job_manifest(spec=training_spec(prepared), training={"maxSteps": 100000, "evalEvery": 0, "compile": False},
                         checkpoint={"everySteps": 0, **checkpoint})
 
 
