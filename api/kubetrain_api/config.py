@@ -99,10 +99,10 @@ class OptimizerSpec(Section):
         return self
 
 
-# Where `training.compile` unset turns compiling on. A cold compile of the tiny preset on 2 CPU threads costs
-# ~25 s (~30 steps) and a warm one ~5 s, against ~9% per step saved (docs/benchmarks.md §1): it pays for itself
-# after ~300 steps cold. On a GPU the saving per step is larger and so is a run; 1000 keeps tests and short
-# experiments uncompiled.
+# Where `training.compile` unset turns compiling on. A cold compile of the tiny preset on 2 CPU threads cost
+# 6 s of first step in the benchmark (up to ~25 s on a machine's very first compile), against ~9% of a ~1 s
+# step saved (docs/benchmarks.md §1): it pays for itself after ~70-300 steps. On a GPU the saving per step is
+# larger and so is a run; 1000 keeps tests and short experiments uncompiled.
 AUTO_COMPILE_MIN_STEPS = 1000
 
 
@@ -133,14 +133,14 @@ class TrainingSpec(Section):
     compile: bool | None = Field(
         None, description=f"torch.compile each decoder block. Unset: on for runs of at least "
         f"{AUTO_COMPILE_MIN_STEPS} steps (compiling then costs a small share of the run), off for shorter ones.")
+    eval_every: int = Field(100, ge=0, description="Evaluate every N steps (and always at the end); 0: end only.")
+    eval_batches: int = Field(10, gt=0, description="Validation batches (of globalBatchSize sequences).")
+    seed: int = Field(1234, ge=0, description="Seed for initialisation and data order.")
 
     @property
     def compiles(self) -> bool:
         """Whether the decoder blocks are compiled: `compile` if set, else by the run's length."""
         return self.compile if self.compile is not None else self.max_steps >= AUTO_COMPILE_MIN_STEPS
-    eval_every: int = Field(100, ge=0, description="Evaluate every N steps (and always at the end); 0: end only.")
-    eval_batches: int = Field(10, gt=0, description="Validation batches (of globalBatchSize sequences).")
-    seed: int = Field(1234, ge=0, description="Seed for initialisation and data order.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingSpec:
